@@ -1,0 +1,20 @@
+"""Triton kernels of RetroInfer, each beside its plain-torch reference (``*_ref``).
+
+Every public function runs its Triton kernel on CUDA tensors (or under the Triton CPU interpreter
+when ``RETROINFER_TRITON_INTERPRET=1`` / ``TRITON_INTERPRET=1``), else its reference. Triton is
+optional: without it every function is its reference.
+"""
+
+from .centroid_scores import centroid_scores, centroid_scores_ref
+from .gather import gather_clusters, gather_clusters_ref
+from .kmeans import kmeans_assign, kmeans_assign_ref, kmeans_update, kmeans_update_ref
+from .paged_decode import paged_decode, paged_decode_ref
+from .weighted_decode import merge_states, weighted_decode, weighted_decode_ref
+
+__all__ = [
+    "centroid_scores", "centroid_scores_ref",
+    "gather_clusters", "gather_clusters_ref",
+    "kmeans_assign", "kmeans_assign_ref", "kmeans_update", "kmeans_update_ref",
+    "paged_decode", "paged_decode_ref",
+    "merge_states", "weighted_decode", "weighted_decode_ref",
+]

@@ -1,0 +1,148 @@
+"""Shared plumbing of the Triton kernels: optional import, dispatch rule, lazy jit.
+
+Dispatch rule (every public kernel function follows it):
+
+* tensors on CUDA                                  -> the Triton kernel, compiled;
+* ``RETROINFER_TRITON_INTERPRET=1`` or ``TRITON_INTERPRET=1`` in the environment
+                                                   -> the Triton kernel, run by Triton's CPU
+                                                      interpreter (so CI exercises it on CPU);
+* otherwise (CPU tensors, or Triton not installed) -> the plain-torch ``*_ref`` function.
+
+Triton decides between compiling and interpreting when ``@triton.jit`` runs, i.e. at import time of
+the kernel module. ``lazy_jit`` defers that choice to launch time, so the environment variable works
+whatever imported ``retroinfer.kernels`` (or triton) first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+try:  # Triton is optional: CPU-only installs use the torch references.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def interpret_requested() -> bool:
+    """True when the environment asks for the Triton CPU interpreter."""
+    return any(os.environ.get(k, "").strip().lower() in _TRUE
+               for k in ("RETROINFER_TRITON_INTERPRET", "TRITON_INTERPRET"))
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the public function should run its Triton kernel on these tensors."""
+    if triton is None:
+        return False
+    if interpret_requested():
+        return True
+    return all(t.is_cuda for t in tensors)
+
+
+class LazyKernel:
+    """``@triton.jit`` whose compile-vs-interpret choice is made at launch (``kernel[grid](...)``)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._jit = None
+        self._interp = None
+        functools.update_wrapper(self, fn)
+
+    def variant(self):
+        if interpret_requested():
+            if self._interp is None:
+                from triton.runtime.interpreter import InterpretedFunction
+                self._interp = InterpretedFunction(self.fn)
+            return self._interp
+        if self._jit is None:
+            from triton.runtime.jit import JITFunction
+            self._jit = JITFunction(self.fn)
+        return self._jit
+
+    def __getitem__(self, grid):
+        launch = self.variant()[grid]
+        if not interpret_requested():
+            return launch
+
+        def run_interpreted(*args, **kwargs):
+            with _stdlib_interpretable():
+                return launch(*args, **kwargs)
+        return run_interpreted
+
+
+@contextlib.contextmanager
+def _stdlib_interpretable():
+    """Let an interpreted kernel call Triton's own ``@jit`` library functions (``tl.max``,
+    ``tl.cdiv``...). Those are built when ``triton`` is imported, as compiled ``JITFunction``s unless
+    ``TRITON_INTERPRET=1`` was set by then, and a ``JITFunction`` refuses calls outside a compiled
+    kernel. For the launch only, such calls run through the interpreter, as they would have had
+    the variable been set at import."""
+    from triton.runtime.jit import JITFunction
+    if not isinstance(tl.standard.max, JITFunction):  # imported in interpreter mode: nothing to do
+        yield
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    cache = {}
+
+    def call(self, *args, **kwargs):
+        f = cache.get(self.fn)
+        if f is None:
+            f = cache[self.fn] = InterpretedFunction(self.fn)
+        return f(*args, **kwargs)
+
+    original = JITFunction.__call__
+    JITFunction.__call__ = call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+def lazy_jit(fn):
+    """Decorator used instead of ``@triton.jit`` on every kernel body (no nested jit helpers)."""
+    return LazyKernel(fn)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of the device; a small number under the interpreter (cost ~ programs)."""
+    if device.type != "cuda" or interpret_requested():
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pick_splits(programs: int, max_splits: int, device: torch.device, waves: int = 4) -> int:
+    """Splits of the reduction axis so that ``programs * splits`` fills the GPU ``waves`` times."""
+    want = cdiv(waves * num_sms(device), max(1, programs))
+    return max(1, min(want, max_splits))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 products for fp32 inputs (tf32 would cost ~1e-3)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_last_contiguous(name: str, t: torch.Tensor) -> None:
+    assert t.stride(-1) == 1, f"{name}: last dim must be contiguous, strides {tuple(t.stride())}"
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

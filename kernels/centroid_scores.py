@@ -1,0 +1,175 @@
+"""Cluster ranking score with the GQA reduction (wave index retrieval / estimation choice).
+
+For batch row ``b``, kv head ``h``, the ``n = counts[b]`` valid centroids ``c < n``:
+
+    z_{g,c} = scale * q[b, h, g] . centroids[b, h, c]
+    scores[b, h, c] = sum_g softmax_c(z_g)[c]       (softmax over the valid c only)
+    scores[b, h, c] = -1.0                          (c >= n: padding ranks last)
+
+Triton, two passes: (1) grid ``(B * Hkv, num_splits)``: logits of a split's centroids into fp32
+scratch ``[B * Hkv, G, C]`` (G * 4 bytes per centroid, far less than re-reading D * 2) plus the
+split's running max and sum of exponentials per query; (2) grid ``(B * Hkv, C / BLOCK)``: merge the
+splits' (max, sum) per query, then ``sum_g exp(z - max_g) / sum_g`` per centroid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton_util import (FLOAT_DTYPES, cdiv, check_last_contiguous, dot_precision, lazy_jit,
+                           next_pow2, pick_splits, tl, use_triton)
+
+LOG2E = 1.4426950408889634
+
+
+@lazy_jit
+def _centroid_logits_kernel(
+    q_ptr, c_ptr, cnt_ptr, z_ptr, pm_ptr, pl_ptr,
+    sm_scale_log2,
+    stride_qb, stride_qh, stride_qg,
+    stride_cb, stride_ch, stride_cc,
+    HKV, G, C, D, NUM_SPLITS,
+    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // HKV).to(tl.int64)
+    h = (pid % HKV).to(tl.int64)
+    n = tl.minimum(tl.load(cnt_ptr + b), C)
+    n_blocks = tl.cdiv(n, BLOCK_C)
+    per = tl.cdiv(n_blocks, NUM_SPLITS)
+    blk_begin = split * per
+    blk_end = tl.minimum(blk_begin + per, n_blocks)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    gmask = offs_g < G
+    dmask = offs_d < D
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    c_base = c_ptr + b * stride_cb + h * stride_ch
+    z_rows = z_ptr + (pid.to(tl.int64) * G + offs_g)[:, None] * C
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    for blk in range(blk_begin, blk_end):
+        idx = blk * BLOCK_C + offs_c
+        cmask = idx < n
+        cen = tl.load(c_base + idx[:, None].to(tl.int64) * stride_cc + offs_d[None, :],
+                      mask=cmask[:, None] & dmask[None, :], other=0.0)
+        z = tl.dot(q, tl.trans(cen), input_precision=PRECISION) * sm_scale_log2
+        z = tl.where(cmask[None, :], z, float("-inf"))
+        tl.store(z_rows + idx[None, :], z, mask=gmask[:, None] & cmask[None, :])
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
+        m_i = m_new
+    row = pid.to(tl.int64) * G + offs_g
+    tl.store(pm_ptr + row * NUM_SPLITS + split, m_i, mask=gmask)
+    tl.store(pl_ptr + row * NUM_SPLITS + split, l_i, mask=gmask)
+
+
+@lazy_jit
+def _centroid_probs_kernel(
+    z_ptr, pm_ptr, pl_ptr, cnt_ptr, out_ptr,
+    stride_ob, stride_oh,
+    HKV, G, C, NUM_SPLITS,
+    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cblk = tl.program_id(1)
+    b = (pid // HKV).to(tl.int64)
+    h = (pid % HKV).to(tl.int64)
+    n = tl.minimum(tl.load(cnt_ptr + b), C)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    gmask = offs_g < G
+    row = pid.to(tl.int64) * G + offs_g
+    sm = gmask[:, None] & (offs_s < NUM_SPLITS)[None, :]
+    pm = tl.load(pm_ptr + row[:, None] * NUM_SPLITS + offs_s[None, :], mask=sm, other=float("-inf"))
+    pl = tl.load(pl_ptr + row[:, None] * NUM_SPLITS + offs_s[None, :], mask=sm, other=0.0)
+    m = tl.max(pm, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.sum(pl * tl.exp2(pm - m_safe[:, None]), axis=1)
+    inv = tl.where(l_sum > 0.0, 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0), 0.0)
+    cmask = offs_c < n
+    z = tl.load(z_ptr + row[:, None] * C + offs_c[None, :], mask=gmask[:, None] & cmask[None, :],
+                other=float("-inf"))
+    p = tl.exp2(z - m_safe[:, None]) * inv[:, None]
+    score = tl.sum(p, axis=0)
+    score = tl.where(cmask, score, -1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, score, mask=offs_c < C)
+
+
+def _check(q, centroids, counts):
+    assert q.dim() == 4 and centroids.dim() == 4, "q [B, Hkv, G, D], centroids [B, Hkv, C, D]"
+    B, Hkv, G, D = q.shape
+    C = centroids.shape[2]
+    assert centroids.shape == (B, Hkv, C, D), (q.shape, centroids.shape)
+    assert q.dtype in FLOAT_DTYPES and centroids.dtype in FLOAT_DTYPES
+    assert counts.shape == (B,) and counts.dtype == torch.int32
+    assert q.device == centroids.device == counts.device
+    return B, Hkv, G, D, C
+
+
+def centroid_scores_ref(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """Plain-torch ranking scores (fp32 math); the CPU path and the test oracle."""
+    B, Hkv, G, D, C = _check(q, centroids, counts)
+    z = torch.einsum("bhgd,bhcd->bhgc", q.float(), centroids.float()) * scale
+    valid = torch.arange(C, device=q.device)[None, :] < counts[:, None].long()   # [B, C]
+    z = z.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(z, dim=-1).nan_to_num_(0.0)                                 # 0 valid -> 0
+    return p.sum(dim=2).masked_fill_(~valid[:, None, :], -1.0)
+
+
+def centroid_scores(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor,
+                    scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """Ranking score of every cluster, summed over the GQA group (see the module docstring).
+
+    q: [B, Hkv, G, D]; centroids: [B, Hkv, C, D] (last dim contiguous; row b valid for
+    c < counts[b]); counts: [B] int32. Returns scores [B, Hkv, C] float32, -1.0 on padding.
+    Mixed q / centroids dtypes are promoted to a common one before the dot.
+    """
+    if not use_triton(q, centroids):
+        return centroid_scores_ref(q, centroids, counts, scale)
+    B, Hkv, G, D, C = _check(q, centroids, counts)
+    check_last_contiguous("q", q)
+    check_last_contiguous("centroids", centroids)
+    if q.dtype != centroids.dtype:
+        dt = torch.promote_types(q.dtype, centroids.dtype)
+        q, centroids = q.to(dt), centroids.to(dt)
+    counts = counts.contiguous()
+    scores = torch.empty(B, Hkv, C, device=q.device, dtype=torch.float32)
+    if B * Hkv * C == 0:
+        return scores
+    BLOCK_C, BLOCK_G = 64, max(16, next_pow2(G))
+    max_blocks = cdiv(C, BLOCK_C)
+    if num_splits is None:
+        num_splits = pick_splits(B * Hkv, max_blocks, q.device)
+    num_splits = max(1, min(int(num_splits), max_blocks))
+    z = torch.empty(B * Hkv * G, C, device=q.device, dtype=torch.float32)
+    pm = torch.empty(B * Hkv * G, num_splits, device=q.device, dtype=torch.float32)
+    pl = torch.empty_like(pm)
+    _centroid_logits_kernel[(B * Hkv, num_splits)](
+        q, centroids, counts, z, pm, pl,
+        float(scale) * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        centroids.stride(0), centroids.stride(1), centroids.stride(2),
+        Hkv, G, C, D, num_splits,
+        BLOCK_C=BLOCK_C, BLOCK_G=BLOCK_G, BLOCK_D=max(16, next_pow2(D)),
+        PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=3,
+    )
+    BLOCK_C2 = 256
+    _centroid_probs_kernel[(B * Hkv, cdiv(C, BLOCK_C2))](
+        z, pm, pl, counts, scores,
+        scores.stride(0), scores.stride(1),
+        Hkv, G, C, num_splits,
+        BLOCK_C=BLOCK_C2, BLOCK_G=next_pow2(G), BLOCK_S=next_pow2(max(num_splits, 2)),
+        num_warps=4,
+    )
+    return scores
+
+
+__all__ = ["centroid_scores", "centroid_scores_ref"]

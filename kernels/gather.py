@@ -1,0 +1,131 @@
+"""Gather retrieved clusters' keys/values into the execution buffer.
+
+Per kv head ``h``, cluster ``c`` owns rows ``offsets[h, c] : offsets[h, c + 1]`` of the head's
+cluster-sorted ``src``. For the selected ``cluster_ids[h, 0..R)`` (in that order) with sizes
+``n_r`` and exclusive prefix sums ``e_r = n_0 + ... + n_{r-1}``:
+
+    dst[h, dst_start + e_r + i] = src[h, offsets[h, id_r] + i]     for i < n_r,
+                                                                   kept only where the row < Lmax
+    lengths[h] = min(sum_r n_r, Lmax - dst_start)                   (rows written)
+
+A negative cluster id selects nothing (size 0), so callers may pad ``cluster_ids`` with -1.
+Triton: the prefix sums come from one torch ``cumsum`` (no host sync); then one program per
+(h, r) copies its cluster's rows in tiles of ``BLOCK_R``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton_util import FLOAT_DTYPES, check_last_contiguous, lazy_jit, next_pow2, tl, use_triton
+
+
+@lazy_jit
+def _gather_clusters_kernel(
+    sk_ptr, sv_ptr, off_ptr, cid_ptr, dst0_ptr, dk_ptr, dv_ptr,
+    stride_skh, stride_skn, stride_svh, stride_svn,
+    stride_oh, stride_ch, stride_eh,
+    stride_dkh, stride_dkn, stride_dvh, stride_dvn,
+    C, L_MAX, D, dst_start,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    h = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1)
+    cid = tl.load(cid_ptr + h * stride_ch + r)
+    valid = (cid >= 0) & (cid < C)
+    cid = tl.where(valid, cid, 0)
+    src0 = tl.load(off_ptr + h * stride_oh + cid)
+    n = tl.where(valid, tl.load(off_ptr + h * stride_oh + cid + 1) - src0, 0)
+    dst0 = dst_start + tl.load(dst0_ptr + h * stride_eh + r)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    for i in range(0, n, BLOCK_R):
+        rows = i + offs_r
+        m = ((rows < n) & (dst0 + rows < L_MAX))[:, None] & dmask[None, :]
+        src_rows = (src0 + rows).to(tl.int64)[:, None]
+        dst_rows = (dst0 + rows).to(tl.int64)[:, None]
+        k = tl.load(sk_ptr + h * stride_skh + src_rows * stride_skn + offs_d[None, :], mask=m)
+        tl.store(dk_ptr + h * stride_dkh + dst_rows * stride_dkn + offs_d[None, :], k, mask=m)
+        v = tl.load(sv_ptr + h * stride_svh + src_rows * stride_svn + offs_d[None, :], mask=m)
+        tl.store(dv_ptr + h * stride_dvh + dst_rows * stride_dvn + offs_d[None, :], v, mask=m)
+
+
+def _plan(offsets, cluster_ids):
+    """Sizes of the selected clusters [Hkv, R] (0 for ids outside [0, C)) and their exclusive
+    prefix sums [Hkv, R] int32."""
+    C = offsets.shape[1] - 1
+    ok = (cluster_ids >= 0) & (cluster_ids < C)
+    cid = torch.where(ok, cluster_ids, torch.zeros_like(cluster_ids)).long()
+    sizes = (offsets.gather(1, cid + 1) - offsets.gather(1, cid)) * ok
+    ends = torch.cumsum(sizes, dim=1, dtype=torch.int32)
+    return sizes, ends - sizes.to(torch.int32)
+
+
+def _check(src_k, src_v, offsets, cluster_ids, dst_k, dst_v, dst_start):
+    assert src_k.dim() == 3 and src_v.shape == src_k.shape, "src_k/src_v [Hkv, N, D]"
+    Hkv, N, D = src_k.shape
+    assert dst_k.dim() == 3 and dst_v.shape == dst_k.shape and dst_k.shape[0] == Hkv and dst_k.shape[2] == D
+    assert offsets.dim() == 2 and offsets.shape[0] == Hkv and offsets.dtype == torch.int32
+    assert cluster_ids.dim() == 2 and cluster_ids.shape[0] == Hkv and cluster_ids.dtype == torch.int64
+    assert src_k.dtype in FLOAT_DTYPES and src_v.dtype == src_k.dtype
+    assert dst_k.dtype == src_k.dtype and dst_v.dtype == src_k.dtype
+    assert 0 <= dst_start <= dst_k.shape[1], f"dst_start {dst_start} outside [0, Lmax={dst_k.shape[1]}]"
+    devs = {t.device for t in (src_k, src_v, offsets, cluster_ids, dst_k, dst_v)}
+    assert len(devs) == 1, f"tensors on several devices: {devs}"
+    return Hkv, D, dst_k.shape[1]
+
+
+def gather_clusters_ref(src_k, src_v, offsets, cluster_ids, dst_k, dst_v, dst_start: int) -> torch.Tensor:
+    """Plain-torch gather (loop over heads); the CPU path and the test oracle."""
+    Hkv, D, Lmax = _check(src_k, src_v, offsets, cluster_ids, dst_k, dst_v, dst_start)
+    sizes, excl = _plan(offsets, cluster_ids)
+    C = offsets.shape[1] - 1
+    cid = cluster_ids.clamp(0, max(C - 1, 0))
+    src0 = offsets.gather(1, cid).long()
+    lengths = torch.empty(Hkv, dtype=torch.int32, device=dst_k.device)
+    for h in range(Hkv):
+        n = int(sizes[h].sum())
+        w = min(n, Lmax - dst_start)
+        rows = torch.repeat_interleave(src0[h] - excl[h].long(), sizes[h].long(), output_size=n)
+        rows = (rows + torch.arange(n, device=rows.device))[:w]
+        dst_k[h, dst_start:dst_start + w] = src_k[h, rows]
+        dst_v[h, dst_start:dst_start + w] = src_v[h, rows]
+        lengths[h] = w
+    return lengths
+
+
+def gather_clusters(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Tensor,
+                    cluster_ids: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
+                    dst_start: int) -> torch.Tensor:
+    """Copy the selected clusters' rows contiguously into ``dst`` from row ``dst_start``.
+
+    src_k, src_v: [Hkv, N, D]; offsets: [Hkv, C+1] int32; cluster_ids: [Hkv, R] int64 (-1 =
+    nothing); dst_k, dst_v: [Hkv, Lmax, D] (views allowed; last dims contiguous everywhere).
+    Rows past Lmax are dropped. Returns lengths [Hkv] int32, rows written per head (no host sync
+    on CUDA).
+    """
+    if not use_triton(src_k, src_v, dst_k, dst_v):
+        return gather_clusters_ref(src_k, src_v, offsets, cluster_ids, dst_k, dst_v, dst_start)
+    Hkv, D, Lmax = _check(src_k, src_v, offsets, cluster_ids, dst_k, dst_v, dst_start)
+    for name, t in (("src_k", src_k), ("src_v", src_v), ("dst_k", dst_k), ("dst_v", dst_v),
+                    ("offsets", offsets), ("cluster_ids", cluster_ids)):
+        check_last_contiguous(name, t)
+    sizes, excl = _plan(offsets, cluster_ids)
+    R = cluster_ids.shape[1]
+    total = sizes.sum(dim=1)
+    lengths = total.clamp(max=Lmax - dst_start).to(torch.int32)
+    if Hkv * R == 0:
+        return lengths
+    _gather_clusters_kernel[(Hkv, R)](
+        src_k, src_v, offsets, cluster_ids, excl, dst_k, dst_v,
+        src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1),
+        offsets.stride(0), cluster_ids.stride(0), excl.stride(0),
+        dst_k.stride(0), dst_k.stride(1), dst_v.stride(0), dst_v.stride(1),
+        offsets.shape[1] - 1, Lmax, D, int(dst_start),
+        BLOCK_R=16, BLOCK_D=max(16, next_pow2(D)), num_warps=4,
+    )
+    return lengths
+
+
+__all__ = ["gather_clusters", "gather_clusters_ref"]

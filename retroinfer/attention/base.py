@@ -1,0 +1,69 @@
+"""The attention backend contract and its registry."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Hashable
+
+import torch
+
+from ..config import ModelConfig, WaveConfig
+
+
+class KVCapacityError(RuntimeError):
+    """A sequence's KV does not fit. `ever` is False when it could fit once others finish."""
+
+    def __init__(self, msg: str, ever: bool):
+        super().__init__(msg)
+        self.ever = ever
+
+
+class AttentionBackend(ABC):
+    """Owns the KV cache of a range of layers for every sequence on one device.
+
+    Life of a sequence: `reserve` its whole footprint (prompt + max new tokens) before any work, so
+    a running sequence never meets an out-of-memory; `write_prefill` once per layer with the
+    prompt's K/V (attention over the prompt itself is dense and done by the model); each decode
+    step calls `plan_decode` once, then `decode` for every layer, which appends the step's K/V and
+    returns the attention output; `free` returns everything.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_ids: range, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.layer_ids, self.device, self.dtype = cfg, layer_ids, torch.device(device), dtype
+        self.scale = cfg.head_dim ** -0.5
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes of one token over this backend's layers."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * len(self.layer_ids) * self.cfg.num_kv_heads * self.cfg.head_dim * elem
+
+    @abstractmethod
+    def reserve(self, seq_id: Hashable, num_tokens: int) -> None: ...
+
+    @abstractmethod
+    def write_prefill(self, layer: int, seq_id: Hashable, k: torch.Tensor, v: torch.Tensor,
+                      start: int) -> None: ...
+
+    @abstractmethod
+    def plan_decode(self, seq_ids: list[Hashable]) -> Any: ...
+
+    @abstractmethod
+    def decode(self, layer: int, plan: Any, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def free(self, seq_id: Hashable) -> None: ...
+
+    @abstractmethod
+    def stats(self) -> dict: ...
+
+
+def make_backend(name: str, cfg: ModelConfig, layer_ids: range, device, dtype,
+                 kv_budget_bytes: int, wave: WaveConfig | None = None) -> AttentionBackend:
+    if name == "full":
+        from .full import FullAttention
+        return FullAttention(cfg, layer_ids, device, dtype, kv_budget_bytes)
+    if name == "wave":
+        from .wave import WaveAttention
+        return WaveAttention(cfg, layer_ids, device, dtype, kv_budget_bytes, wave or WaveConfig())
+    raise ValueError(f"unknown attention backend {name!r}")

@@ -1,0 +1,179 @@
+"""Frozen configuration: the model (from a Hugging Face config.json), the wave index, the engine."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+class ConfigError(ValueError):
+    """Bad user input in a configuration: the message is meant for the user, one line."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The subset of a Llama / Qwen2 config.json that the forward pass needs."""
+    arch: str                      # "llama" or "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False   # Qwen2: bias on q, k, v projections
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: str = "bfloat16"        # the checkpoint's torch_dtype
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        model_type = d.get("model_type", "")
+        if model_type in ("llama", "mistral"):
+            arch, bias = "llama", bool(d.get("attention_bias", False))
+        elif model_type == "qwen2":
+            arch, bias = "qwen2", True
+        else:
+            raise ConfigError(f"unsupported model_type {model_type!r}: RetroInfer runs llama and qwen2")
+        try:
+            heads = d["num_attention_heads"]
+            eos = d.get("eos_token_id")
+            eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            return cls(
+                arch=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+                num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
+                head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                rope_theta=d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+                rope_scaling=_rope_scaling(d),
+                max_position_embeddings=d.get("max_position_embeddings", 8192),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=bias, bos_token_id=d.get("bos_token_id"), eos_token_ids=eos,
+                dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks required key {e.args[0]!r}") from None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        p = Path(path) / "config.json"
+        if not p.is_file():
+            raise ConfigError(f"{path}: no config.json (expected a Hugging Face model directory)")
+        try:
+            return cls.from_hf_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: malformed JSON ({e.msg} at line {e.lineno})") from None
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """K and V of every layer for one token."""
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    def weight_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        per_layer = attn + 3 * h * i + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return (self.num_layers * per_layer + emb + h) * elem
+
+
+def _rope_scaling(d: dict) -> dict | None:
+    rs = d.get("rope_scaling") or d.get("rope_parameters")
+    if not rs:
+        return None
+    kind = rs.get("rope_type") or rs.get("type")
+    if kind in (None, "default"):
+        return None
+    return dict(rs, rope_type=kind)
+
+
+@dataclass(frozen=True)
+class WaveConfig:
+    """Wave index parameters; defaults are the paper's."""
+    retrieval_frac: float = 0.018      # share of clusters attended exactly
+    estimation_frac: float = 0.232     # share of clusters estimated from centroids
+    sink: int = 4                      # first tokens always attended exactly
+    window: int = 64                   # last tokens always attended exactly
+    segment_size: int = 8192           # tokens clustered independently at prefill
+    tokens_per_cluster: int = 16
+    kmeans_iters: int = 10
+    update_every: int = 1024           # decoded tokens that form one new segment
+    update_clusters: int = 64          # clusters of that segment
+
+    def __post_init__(self):
+        checks = [
+            (0 < self.retrieval_frac <= 1, "retrieval_frac must be in (0, 1]"),
+            (0 <= self.estimation_frac <= 1, "estimation_frac must be in [0, 1]"),
+            (self.retrieval_frac + self.estimation_frac <= 1 + 1e-9,
+             "retrieval_frac + estimation_frac must not exceed 1"),
+            (self.sink >= 0 and self.window >= 1, "sink must be >= 0 and window >= 1"),
+            (self.tokens_per_cluster >= 1, "tokens_per_cluster must be >= 1"),
+            (self.segment_size >= self.tokens_per_cluster, "segment_size must be >= tokens_per_cluster"),
+            (self.kmeans_iters >= 0, "kmeans_iters must be >= 0"),
+            (self.update_every >= 1 and 1 <= self.update_clusters <= self.update_every,
+             "update_every must be >= 1 and update_clusters in [1, update_every]"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"wave config: {msg}")
+
+    def min_indexed_tokens(self) -> int:
+        """Prompts shorter than this run dense until decoding makes them long enough."""
+        return self.sink + self.window + self.segment_size // 8
+
+    def zone_sizes(self, num_clusters: int) -> tuple[int, int]:
+        r = min(num_clusters, max(1, math.ceil(num_clusters * self.retrieval_frac)))
+        e = min(num_clusters - r, int(num_clusters * self.estimation_frac))
+        return r, e
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "tiny"                  # a Hugging Face directory, or "tiny"
+    dtype: str | None = None             # default: the checkpoint's (tiny: float32)
+    device: str | None = None            # default: cuda if available, else cpu
+    devices: tuple[str, ...] = ()        # split layers across these in order (pipeline stages)
+    attention: str = "full"              # "full" or "wave"
+    wave: WaveConfig = field(default_factory=WaveConfig)
+    max_batch: int = 16                  # decode batch
+    max_model_len: int | None = None     # default: the model's max_position_embeddings
+    kv_budget_bytes: int | None = None   # default: what the device can hold
+    prefill_chunk: int = 16384           # tokens per MLP / projection chunk in prefill
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.attention not in ("full", "wave"):
+            raise ConfigError(f"attention must be 'full' or 'wave', not {self.attention!r}")
+        if self.max_batch < 1 or self.prefill_chunk < 1:
+            raise ConfigError("max_batch and prefill_chunk must be >= 1")
+        if self.dtype is not None:
+            parse_dtype(self.dtype)
+
+    def with_overrides(self, **kw) -> "EngineConfig":
+        names = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in kw.items() if k in names and v is not None})

@@ -1,0 +1,193 @@
+"""The engine: requests in, tokens out. Continuous batching: a prompt joins by a whole-prompt,
+layer-by-layer prefill; running sequences advance together one decode step at a time, and leave
+the batch as they finish. Thread-safe entry points: `add_request`, `abort`; `step` runs on one
+thread (the serving layer's engine loop)."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import torch
+
+from ..attention import KVCapacityError
+from ..config import ConfigError, EngineConfig, ModelConfig
+from ..models.presets import is_preset, preset_config
+from .executor import LocalExecutor
+from .sampling import Sampler, SamplingParams
+from .sequence import Phase, RequestOutput, Sequence
+from .tokenizer import IncrementalDetokenizer, load_tokenizer
+
+
+class _Aborted(Exception):
+    pass
+
+
+def load_model_config(model: str) -> ModelConfig:
+    if is_preset(model):
+        return preset_config(model)
+    return ModelConfig.from_dir(model)
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, executor=None,
+                 on_prefill_progress: Callable[[str, int, int], None] | None = None):
+        self.cfg = cfg
+        self.model_cfg = load_model_config(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.max_model_len = cfg.max_model_len or self.model_cfg.max_position_embeddings
+        self.executor = executor or LocalExecutor(cfg, self.model_cfg)
+        self.sampler = Sampler(self.executor.device)
+        self.eos = set(self.model_cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        self.on_prefill_progress = on_prefill_progress
+        self.seqs: dict[str, Sequence] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.last_step: dict = {}
+
+    # -- thread-safe entry points ----------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError with a user-facing message if the request can never run."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        n = len(prompt_ids) + params.max_tokens
+        if n > self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} = {n} "
+                             f"exceeds the model's context of {self.max_model_len} tokens")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.model_cfg.vocab_size})")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.validate(prompt_ids, params)
+        with self._lock:
+            if request_id in self.seqs:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            seq = Sequence(request_id, list(prompt_ids), params, IncrementalDetokenizer(self.tokenizer))
+            self.seqs[request_id] = seq
+        self._inbox.put(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            seq.aborted = True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or not self._inbox.empty())
+
+    def kv_bytes_for(self, num_tokens: int) -> int:
+        return num_tokens * self.model_cfg.kv_bytes_per_token(self.executor.dtype)
+
+    def stats(self) -> dict:
+        s = dict(self.executor.stats())
+        s.update(waiting=len(self.waiting), running=len(self.running), **self.last_step)
+        return s
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        while not self._inbox.empty():
+            self.waiting.append(self._inbox.get())
+        outputs = self._reap_aborted()
+        if self.waiting and len(self.running) < self.cfg.max_batch:
+            out = self._try_prefill(self.waiting[0])
+            if out is not None:
+                return outputs + out
+        if self.running:
+            outputs += self._decode()
+        return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.phase, seq.finish_reason = Phase.DONE, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        self.executor.free(seq.request_id)
+        self.seqs.pop(seq.request_id, None)
+
+    def _reap_aborted(self) -> list[RequestOutput]:
+        out = []
+        for seq in [s for s in list(self.waiting) + self.running if s.aborted]:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self._finish(seq, "abort")
+            out.append(seq.output([], ""))
+        return out
+
+    def _try_prefill(self, seq: Sequence) -> list[RequestOutput] | None:
+        try:
+            self.executor.reserve(seq.request_id, seq.footprint_tokens)
+        except KVCapacityError as e:
+            if e.ever and self.running:
+                return None            # fits once running sequences finish: wait
+            self.waiting.popleft()
+            self._finish(seq, "error")
+            return [seq.output([], "", error=f"KV cache cannot hold this request: {e}")]
+        self.waiting.popleft()
+        seq.phase = Phase.PREFILL
+        seq.generator = self.sampler.generator(seq.params.seed)
+
+        def progress(layer: int) -> None:
+            seq.prefill_layers_done += 1
+            if self.on_prefill_progress:
+                self.on_prefill_progress(seq.request_id, seq.prefill_layers_done, self.model_cfg.num_layers)
+            if seq.aborted:
+                raise _Aborted
+
+        t0 = time.perf_counter()
+        try:
+            ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
+            logits = self.executor.prefill(seq.request_id, ids, progress)
+        except _Aborted:
+            self._finish(seq, "abort")
+            return [seq.output([], "")]
+        self.last_step = {"prefill_tokens": len(seq.prompt_ids), "prefill_s": time.perf_counter() - t0}
+        seq.phase = Phase.DECODE
+        self.running.append(seq)
+        tok = self.sampler(logits, [seq.params], [seq.generator])[0]
+        return [self._append(seq, tok)]
+
+    def _decode(self) -> list[RequestOutput]:
+        batch = list(self.running)
+        ids = torch.tensor([s.output_ids[-1] for s in batch], dtype=torch.long)
+        positions = torch.tensor([s.num_tokens - 1 for s in batch], dtype=torch.long)
+        t0 = time.perf_counter()
+        logits = self.executor.decode([s.request_id for s in batch], ids, positions)
+        toks = self.sampler(logits, [s.params for s in batch], [s.generator for s in batch])
+        self.last_step = {"decode_batch": len(batch), "decode_s": time.perf_counter() - t0}
+        return [self._append(s, t) for s, t in zip(batch, toks)]
+
+    def _append(self, seq: Sequence, tok: int) -> RequestOutput:
+        p = seq.params
+        seq.output_ids.append(tok)
+        text = seq.detok.delta(seq.output_ids)
+        reason = None
+        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            reason = "stop"
+        elif p.stop:
+            emitted = seq.detok.text
+            window_start = max(0, len(emitted) - len(text) - max(map(len, p.stop)))
+            hits = [i for s in p.stop if (i := emitted.find(s, window_start)) >= 0]
+            if hits:
+                cut = min(hits)
+                text = text[: max(0, len(text) - (len(emitted) - cut))]
+                seq.detok.text = emitted[:cut]
+                reason = "stop"
+        if reason is None and len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self._finish(seq, reason)
+        return seq.output([tok], text)
+
+    # -- convenience for the CLI and tests ------------------------------------------------------
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "0"):
+        """Runs one request to completion alone, yielding its outputs as they come."""
+        self.add_request(request_id, prompt_ids, params)
+        while self.has_work():
+            for out in self.step():
+                if out.request_id == request_id:
+                    yield out
+                    if out.finished:
+                        return

@@ -1,0 +1,65 @@
+"""A pipeline stage: a contiguous range of layers on one device, with its attention backend.
+The in-process executor chains stages directly; the cluster wraps each in a Ray actor."""
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+import torch
+
+from ..attention import make_backend
+from ..config import EngineConfig, ModelConfig, parse_dtype
+from ..models.model import ModelShard
+
+
+def default_kv_budget(device: torch.device, reserve_bytes: int) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(0, int(free * 0.9) - reserve_bytes)
+    return 2 << 30
+
+
+class Stage:
+    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, layer_ids: range, device: str):
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(cfg.dtype or model_cfg.dtype)
+        self.shard = ModelShard.load(cfg.model, model_cfg, layer_ids, self.device, self.dtype, cfg.seed)
+        # Prefill of max_model_len tokens needs the residual and one layer's K/V besides the cache.
+        max_len = cfg.max_model_len or model_cfg.max_position_embeddings
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        headroom = max_len * (model_cfg.hidden_size + 2 * model_cfg.num_kv_heads * model_cfg.head_dim) * elem
+        headroom += cfg.prefill_chunk * (3 * model_cfg.hidden_size + 2 * model_cfg.intermediate_size) * elem * 2
+        budget = cfg.kv_budget_bytes or default_kv_budget(self.device, headroom)
+        self.backend = make_backend(cfg.attention, model_cfg, layer_ids, self.device, self.dtype,
+                                    budget, cfg.wave)
+
+    @property
+    def first(self) -> bool:
+        return self.shard.first
+
+    @property
+    def last(self) -> bool:
+        return self.shard.last
+
+    def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
+        self.backend.reserve(seq_id, num_tokens)
+
+    def free(self, seq_id: Hashable) -> None:
+        self.backend.free(seq_id)
+
+    def prefill(self, seq_id: Hashable, x: torch.Tensor, progress: Callable[[int], None] | None = None):
+        """x: token ids [T] on the first stage, else hidden [T, H]. Returns hidden [T, H], or on
+        the last stage the logits of the last token [1, V]."""
+        x = self.shard.embed(x) if self.first else x.to(self.device)
+        x = self.shard.prefill(x, 0, self.backend, seq_id, self.cfg.prefill_chunk, progress)
+        return self.shard.logits(x[-1:]) if self.last else x
+
+    def decode(self, seq_ids: list, x: torch.Tensor, positions: torch.Tensor):
+        """x: ids [B] or hidden [B, H]; returns hidden, or logits [B, V] on the last stage."""
+        plan = self.backend.plan_decode(seq_ids)
+        x = self.shard.embed(x) if self.first else x.to(self.device)
+        x = self.shard.decode(x, positions, self.backend, plan)
+        return self.shard.logits(x) if self.last else x
+
+    def stats(self) -> dict:
+        return self.backend.stats()

@@ -1,0 +1,70 @@
+"""Tokenizers: the model directory's (Hugging Face, chat template included) or, for the tiny
+preset, a byte tokenizer that needs no files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import ConfigError
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255; 256 = <bos>, 257 = <eos>."""
+    bos_id, eos_id = 256, 257
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [self.eos_id]
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_id] + list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+        return self.encode(text)
+
+
+class HFTokenizer:
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoTokenizer
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        except Exception as e:   # transformers raises many kinds; the user needs one line
+            raise ConfigError(f"{model_dir}: cannot load tokenizer ({type(e).__name__}: {e})") from None
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tok, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def load_tokenizer(model: str):
+    from ..models.presets import is_preset
+    return ByteTokenizer() if is_preset(model) else HFTokenizer(model)
+
+
+class IncrementalDetokenizer:
+    """Text deltas as tokens arrive; an incomplete UTF-8 tail is held back until it completes."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.text = tokenizer, ""
+
+    def delta(self, ids: list[int]) -> str:
+        full = self.tok.decode(ids)
+        if full.endswith("\ufffd"):
+            return ""
+        d, self.text = full[len(self.text):], full
+        return d

@@ -1,0 +1,87 @@
+"""A contiguous range of decoder layers (a pipeline stage), with the embedding on the first stage
+and the final norm + LM head on the last. One shard holding every layer is the whole model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .layers import DecoderLayer, rms_norm
+from .loader import checkpoint_source, load_head, load_layer
+from .presets import is_preset, random_source
+from .rope import Rotary
+
+Progress = Callable[[int], None]   # called with the global index of each finished layer
+
+
+class ModelShard:
+    def __init__(self, cfg: ModelConfig, layer_ids: range, device: torch.device, dtype: torch.dtype,
+                 get, names, first: bool, last: bool):
+        self.cfg, self.layer_ids, self.device, self.dtype = cfg, layer_ids, torch.device(device), dtype
+        self.first, self.last = first, last
+        self.rotary = Rotary(cfg, self.device)
+        self.layers = [DecoderLayer(cfg, load_layer(get, cfg, i, self.device, dtype), self.rotary)
+                       for i in layer_ids]
+        head = load_head(get, names, cfg, self.device, dtype, embed=first, head=last)
+        self.embed_w, self.norm_w, self.lm_head = head.get("embed"), head.get("norm"), head.get("lm_head")
+
+    @classmethod
+    def load(cls, model: str | Path, cfg: ModelConfig, layer_ids: range, device, dtype, seed: int = 0):
+        if is_preset(str(model)):
+            get, names = random_source(cfg, seed, device)
+        else:
+            get, names = checkpoint_source(model)
+        return cls(cfg, layer_ids, device, dtype, get, names,
+                   first=layer_ids.start == 0, last=layer_ids.stop == cfg.num_layers)
+
+    # -- entry and exit -------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids.to(self.device), self.embed_w)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, H] hidden states of the tokens to sample from -> [N, vocab] float32."""
+        return F.linear(rms_norm(x, self.norm_w, self.cfg.rms_norm_eps), self.lm_head).float()
+
+    # -- passes ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, x: torch.Tensor, start: int, backend, seq_id, chunk: int,
+                progress: Progress | None = None) -> torch.Tensor:
+        """Layer by layer over the whole prompt, in place on x [T, H].
+
+        Peak memory for T tokens (b bytes per element, H hidden, I intermediate, KV = Hkv*D,
+        c = chunk): the residual T*H*b, one layer's K and V 2*T*KV*b, plus per chunk the QKV
+        c*(H + 2KV)*b, the gate/up c*2I*b and SDPA's O(c) workspace. Llama-3-8B, T = 1M, bf16,
+        c = 16K: 8 GiB + 4 GiB + ~1.5 GiB on top of 16 GiB of weights; the full KV of all layers
+        (128 GiB) is the backend's business (wave offload keeps it in host memory).
+        """
+        from ..attention.prefill import causal_attention
+
+        c = self.cfg
+        T = x.shape[0]
+        positions = torch.arange(start, start + T, device=self.device)
+        for li, layer in zip(self.layer_ids, self.layers):
+            k_all = torch.empty(T, c.num_kv_heads, c.head_dim, device=self.device, dtype=x.dtype)
+            v_all = torch.empty_like(k_all)
+            for s in range(0, T, chunk):
+                e = min(T, s + chunk)
+                cos, sin = self.rotary.cos_sin(positions[s:e], x.dtype)
+                q, k, v = layer.qkv(x[s:e], cos, sin)
+                k_all[s:e], v_all[s:e] = k, v
+                o = causal_attention(q, k_all[:e], v_all[:e], q_start=s)
+                x[s:e] = layer.mlp(layer.attn_out(x[s:e], o))
+            backend.write_prefill(li, seq_id, k_all, v_all, start)
+            if progress is not None:
+                progress(li)
+        return x
+
+    @torch.inference_mode()
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, backend, plan) -> torch.Tensor:
+        """One token for each of B sequences: x [B, H], positions [B]."""
+        cos, sin = self.rotary.cos_sin(positions.to(self.device), x.dtype)
+        for li, layer in zip(self.layer_ids, self.layers):
+            q, k, v = layer.qkv(x, cos, sin)
+            x = layer.mlp(layer.attn_out(x, backend.decode(li, plan, q, k, v)))
+        return x
