@@ -85,7 +85,7 @@ def _stdlib_interpretable():
     kernel. For the launch only, such calls run through the interpreter, as they would have had
     the variable been set at import."""
     from triton.runtime.jit import JITFunction
-    if not isinstance(tl.standard.max, JITFunction):  # imported in interpreter mode: nothing to do
+    if not isinstance(getattr(tl.standard, "max", None), JITFunction):  # already interpretable
         yield
         return
     from triton.runtime.interpreter import InterpretedFunction

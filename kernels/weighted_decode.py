@@ -113,7 +113,8 @@ def weighted_decode_ref(q, k, v, lengths, log_w, scale):
     s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                               # -inf on empty rows
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    out = torch.einsum("bhgn,bhnd->bhgd", p, v.float())
+    v = v.float().masked_fill(~valid[..., None], 0.0)              # rows past n may hold garbage
+    out = torch.einsum("bhgn,bhnd->bhgd", p, v)
     return out, lse
 
 

@@ -59,11 +59,11 @@ class AttentionBackend(ABC):
 
 
 def make_backend(name: str, cfg: ModelConfig, layer_ids: range, device, dtype,
-                 kv_budget_bytes: int, wave: WaveConfig | None = None) -> AttentionBackend:
+                 kv_budget_bytes: int, wave: WaveConfig | None = None, max_seqs: int = 16) -> AttentionBackend:
     if name == "full":
         from .full import FullAttention
         return FullAttention(cfg, layer_ids, device, dtype, kv_budget_bytes)
     if name == "wave":
         from .wave import WaveAttention
-        return WaveAttention(cfg, layer_ids, device, dtype, kv_budget_bytes, wave or WaveConfig())
+        return WaveAttention(cfg, layer_ids, device, dtype, kv_budget_bytes, wave or WaveConfig(), max_seqs)
     raise ValueError(f"unknown attention backend {name!r}")

@@ -31,7 +31,7 @@ class Stage:
         headroom += cfg.prefill_chunk * (3 * model_cfg.hidden_size + 2 * model_cfg.intermediate_size) * elem * 2
         budget = cfg.kv_budget_bytes or default_kv_budget(self.device, headroom)
         self.backend = make_backend(cfg.attention, model_cfg, layer_ids, self.device, self.dtype,
-                                    budget, cfg.wave)
+                                    budget, cfg.wave, cfg.max_batch)
 
     @property
     def first(self) -> bool:

@@ -1,0 +1,78 @@
+import pytest
+import torch
+from kernel_testutil import GPU, gen
+
+from retroinfer.kernels import gather_clusters, gather_clusters_ref
+
+SENTINEL = 12345.0
+
+# (Hkv, N, D, C, R, Lmax, dst_start, dst layout, pad ids with -1)
+INTERP = [
+    (1, 16, 64, 1, 1, 32, 0, "contig", False),
+    (2, 300, 64, 20, 6, 200, 5, "contig", True),
+    (3, 500, 128, 40, 12, 120, 17, "lhd", False),      # clips at Lmax
+    (2, 1000, 64, 64, 64, 1100, 0, "slice", False),   # every cluster, exactly fits
+]
+GPU_ONLY = [
+    (8, 131072, 128, 8192, 148, 4096, 68, "lhd", True),
+    (8, 131072, 128, 8192, 1000, 4096, 100, "contig", False),  # heavy clipping
+]
+
+
+def make_case(device, dtype, case):
+    Hkv, N, D, C, R, Lmax, dst_start, layout, pad = case
+    g = gen("cpu", "gather", dtype, case)
+    src_k = torch.randn(Hkv, N, D, generator=g).to(device=device, dtype=dtype)
+    src_v = torch.randn(Hkv, N, D, generator=g).to(device=device, dtype=dtype)
+    cuts = [torch.sort(torch.randperm(N - 1, generator=g)[:C - 1] + 1)[0] for _ in range(Hkv)]
+    offsets = torch.stack([torch.cat([torch.zeros(1).long(), c, torch.full((1,), N)]) for c in cuts])
+    ids = torch.stack([torch.randperm(C, generator=g)[:R] for _ in range(Hkv)])   # duplicate-free
+    if pad:
+        ids[:, -2:] = -1
+    if layout == "lhd":             # execution buffer stored [Lmax, Hkv, D]
+        dst_k = torch.full((Lmax, Hkv, D), SENTINEL, dtype=dtype, device=device).transpose(0, 1)
+    elif layout == "slice":         # a window of a wider buffer
+        dst_k = torch.full((Hkv, Lmax + 50, D), SENTINEL, dtype=dtype, device=device)[:, 10:Lmax + 10]
+    else:
+        dst_k = torch.full((Hkv, Lmax, D), SENTINEL, dtype=dtype, device=device)
+    dst_v = torch.full_like(dst_k, SENTINEL)
+    return (src_k, src_v, offsets.int().to(device), ids.to(device), dst_k, dst_v, dst_start)
+
+
+def params():
+    out = []
+    for i, c in enumerate(INTERP):
+        out.append(pytest.param("cpu", torch.float16, c, id=f"interp-{i}"))
+        out.append(pytest.param("cuda", torch.bfloat16, c, marks=GPU, id=f"cuda-{i}"))
+    for i, c in enumerate(GPU_ONLY):
+        out.append(pytest.param("cuda", torch.bfloat16, c, marks=GPU, id=f"cuda-large-{i}"))
+    return out
+
+
+@pytest.mark.parametrize("device,dtype,case", params())
+def test_gather_matches_ref(device, dtype, case):
+    args = make_case(device, dtype, case)
+    ref_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    lens = gather_clusters(*args)
+    ref_lens = gather_clusters_ref(*ref_args)
+    assert lens.dtype == torch.int32 and lens.shape == (case[0],)
+    assert torch.equal(lens, ref_lens)
+    assert torch.equal(args[4], ref_args[4]) and torch.equal(args[5], ref_args[5])
+    Lmax, dst_start = case[5], case[6]
+    for h in range(case[0]):        # rows outside [dst_start, dst_start + len) untouched
+        n = int(lens[h])
+        assert n <= Lmax - dst_start
+        assert (args[4][h, :dst_start] == SENTINEL).all() and (args[4][h, dst_start + n:] == SENTINEL).all()
+        assert (args[4][h, dst_start:dst_start + n] != SENTINEL).all()
+
+
+def test_gather_ref_naive():
+    args = make_case("cpu", torch.float32, (2, 200, 16, 12, 5, 90, 3, "contig", True))
+    src_k, src_v, offsets, ids, dst_k, dst_v, dst_start = args
+    lens = gather_clusters_ref(*args)
+    for h in range(2):
+        rows = [r for c in ids[h].tolist() if c >= 0 for r in range(offsets[h, c], offsets[h, c + 1])]
+        rows = rows[:90 - dst_start]
+        assert int(lens[h]) == len(rows)
+        assert torch.equal(dst_k[h, dst_start:dst_start + len(rows)], src_k[h, rows])
+        assert torch.equal(dst_v[h, dst_start:dst_start + len(rows)], src_v[h, rows])

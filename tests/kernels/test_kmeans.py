@@ -1,0 +1,90 @@
+import pytest
+import torch
+from kernel_testutil import GPU, INTERP_DTYPES, GPU_DTYPES, gen, randn, rel_err
+
+from retroinfer.kernels import kmeans_assign, kmeans_assign_ref, kmeans_update, kmeans_update_ref
+
+# (S, N, K, D, n_valid or None)
+INTERP = [
+    (1, 1, 1, 64, None),
+    (3, 100, 40, 64, [100, 50, 0]),
+    (2, 300, 70, 128, None),
+]
+GPU_ONLY = [
+    (128, 8192, 512, 128, None),                     # 16 segments x 8 heads, the build's size
+    (16, 8192, 512, 128, [8192, 1, 0, 4097] * 4),
+]
+
+
+def params(interp, gpu_only):
+    out = []
+    for i, c in enumerate(interp):
+        out += [pytest.param("cpu", dt, c, id=f"interp-{str(dt)[6:]}-{i}") for dt in INTERP_DTYPES]
+        out += [pytest.param("cuda", dt, c, marks=GPU, id=f"cuda-{str(dt)[6:]}-{i}") for dt in GPU_DTYPES]
+    for i, c in enumerate(gpu_only):
+        out += [pytest.param("cuda", dt, c, marks=GPU, id=f"cuda-large-{str(dt)[6:]}-{i}")
+                for dt in GPU_DTYPES]
+    return out
+
+
+@pytest.mark.parametrize("device,dtype,case", params(INTERP, GPU_ONLY))
+def test_kmeans_assign_matches_ref(device, dtype, case):
+    S, N, K, D, nv = case
+    g = gen(device, "assign", dtype, case)
+    x = randn(g, S, N, D, dtype=dtype)
+    cen = torch.nn.functional.normalize(randn(g, S, K, D), dim=-1).to(dtype)
+    n_valid = torch.tensor(nv, dtype=torch.int32, device=device) if nv is not None else None
+    idx = kmeans_assign(x, cen, n_valid)
+    ref = kmeans_assign_ref(x, cen, n_valid)
+    assert idx.dtype == torch.int64 and idx.shape == (S, N)
+    assert torch.equal(idx < 0, ref < 0)
+    ok = ref >= 0
+    if not ok.any():
+        return
+    # The chosen centroid must be a maximiser up to the rounding of the dot (near-ties may differ).
+    sc = torch.einsum("snd,skd->snk", x.double(), cen.double())
+    best = sc.gather(2, ref.clamp(min=0)[..., None])[..., 0]
+    got = sc.gather(2, idx.clamp(min=0)[..., None])[..., 0]
+    slack = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((best - got)[ok] <= slack * (1 + best[ok].abs())).all()
+    assert (idx[ok] == ref[ok]).double().mean() > 0.99
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_kmeans_assign_ties_pick_first(device):
+    g = gen(device, "ties")
+    c = torch.nn.functional.normalize(randn(g, 1, 3, 64), dim=-1)
+    cen = torch.cat([c, c, c], 1)                 # k and k + 3, k + 6 identical
+    x = randn(g, 1, 50, 64)
+    idx = kmeans_assign(x, cen)
+    assert (idx < 3).all() and torch.equal(idx, kmeans_assign_ref(x, cen) % 3)  # bmm rounds copies apart
+
+
+@pytest.mark.parametrize("device,dtype,case", params(INTERP, GPU_ONLY))
+def test_kmeans_update_matches_ref(device, dtype, case):
+    S, N, K, D, nv = case
+    g = gen(device, "update", dtype, case)
+    x = randn(g, S, N, D, dtype=dtype)
+    idx = torch.randint(-1, K, (S, N), generator=g, device=device)   # -1 = skipped row
+    sums, counts = kmeans_update(x, idx, K)
+    ref_sums, ref_counts = kmeans_update_ref(x, idx, K)
+    assert sums.dtype == torch.float32 and sums.shape == (S, K, D)
+    assert counts.dtype == torch.int32 and counts.shape == (S, K)
+    assert torch.equal(counts, ref_counts)
+    assert rel_err(sums, ref_sums) < 1e-5
+
+
+def test_kmeans_refs_naive():
+    g = gen("cpu", "kref")
+    S, N, K, D = 2, 30, 5, 8
+    x, cen = randn(g, S, N, D), randn(g, S, K, D)
+    idx = kmeans_assign_ref(x, cen, torch.tensor([30, 20], dtype=torch.int32))
+    sums, counts = kmeans_update_ref(x, idx, K)
+    for s in range(S):
+        for n in range(N):
+            want = -1 if (s == 1 and n >= 20) else max(range(K), key=lambda k: float(x[s, n] @ cen[s, k]))
+            assert int(idx[s, n]) == want
+        for k in range(K):
+            rows = x[s][idx[s] == k]
+            assert int(counts[s, k]) == rows.shape[0]
+            assert torch.allclose(sums[s, k], rows.sum(0), atol=1e-5)

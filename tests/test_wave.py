@@ -1,0 +1,107 @@
+"""Wave index build and three-zone attention on CPU (the torch reference path)."""
+import pytest
+import torch
+
+from retroinfer.attention import make_backend
+from retroinfer.config import ConfigError, EngineConfig, WaveConfig
+from retroinfer.engine.llm_engine import LLMEngine
+from retroinfer.engine.sampling import SamplingParams
+from retroinfer.models.presets import preset_config
+from retroinfer.wave.index import build_index
+
+SMALL_WAVE = dict(sink=4, window=16, segment_size=256, tokens_per_cluster=8, kmeans_iters=4,
+                  update_every=64, update_clusters=8)
+
+
+def test_build_index_is_a_clustered_permutation():
+    torch.manual_seed(0)
+    T, H, D = 700, 3, 32
+    k, v = torch.randn(T, H, D), torch.randn(T, H, D)
+    ix = build_index(k, v, WaveConfig(**SMALL_WAVE))
+    C = ix.num_clusters
+    assert C == 3 * 30          # 3 segments of 234 rows, ceil(234 / 8) clusters each
+    assert (ix.offsets[:, 1:] >= ix.offsets[:, :-1]).all() and (ix.offsets[:, -1] == T).all()
+    for h in range(H):
+        # the same rows, reordered
+        a = ix.keys[h][torch.argsort(ix.keys[h][:, 0])]
+        b = k[:, h][torch.argsort(k[:, h, 0])]
+        assert torch.allclose(a, b)
+        for c in torch.randperm(C)[:10].tolist():
+            lo, hi = ix.offsets[h, c].item(), ix.offsets[h, c + 1].item()
+            if hi > lo:
+                assert torch.allclose(ix.centroids[h, c], ix.keys[h, lo:hi].mean(0), atol=1e-5)
+                assert torch.allclose(ix.value_mean[h, c], ix.values[h, lo:hi].mean(0), atol=1e-5)
+                assert ix.log_size[h, c].exp().round().item() == hi - lo
+            else:
+                assert ix.log_size[h, c] == float("-inf")
+
+
+def _decode_all(backend, T, steps, q, k, v, seq="s"):
+    """Prefill T tokens, then `steps` decode steps; returns the attention outputs."""
+    backend.reserve(seq, T + steps)
+    backend.write_prefill(0, seq, k[:T], v[:T], 0)
+    outs = []
+    for t in range(steps):
+        plan = backend.plan_decode([seq])
+        outs.append(backend.decode(0, plan, q[t:t + 1], k[T + t:T + t + 1], v[T + t:T + t + 1]))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("T", [50, 900])   # dense until long enough / indexed at prefill
+def test_full_budget_equals_full_attention(T):
+    torch.manual_seed(T)
+    cfg = preset_config("tiny")
+    steps, H, D = 150, cfg.num_kv_heads, cfg.head_dim
+    q = torch.randn(steps, cfg.num_heads, D)
+    k, v = torch.randn(T + steps, H, D), torch.randn(T + steps, H, D)
+    wave = WaveConfig(**SMALL_WAVE, retrieval_frac=1.0, estimation_frac=0.0)
+    wb = make_backend("wave", cfg, range(1), "cpu", torch.float32, 1 << 26, wave)
+    fb = make_backend("full", cfg, range(1), "cpu", torch.float32, 1 << 26)
+    got, ref = _decode_all(wb, T, steps, q, k, v), _decode_all(fb, T, steps, q, k, v)
+    assert wb.seqs["s"].index, "the index must exist by the end (built at prefill or by updates)"
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_estimation_zone_lowers_error():
+    """Keys with cluster structure: estimating the clusters past the retrieval zone must be
+    closer to full attention than dropping them."""
+    torch.manual_seed(3)
+    cfg = preset_config("tiny")
+    H, D, T = cfg.num_kv_heads, cfg.head_dim, 4000
+    centres = torch.randn(H, 64, D) * 0.6
+    k = (centres[:, torch.randint(0, 64, (T,))] + 0.3 * torch.randn(H, T, D)).transpose(0, 1).contiguous()
+    v = torch.randn(T, H, D)
+    q = torch.randn(1, cfg.num_heads, D)
+    full = make_backend("full", cfg, range(1), "cpu", torch.float32, 1 << 26)
+    ref = _decode_all(full, T - 1, 1, q, k, v)
+    errs = {}
+    for est in (0.0, 0.232):
+        w = WaveConfig(segment_size=2048, kmeans_iters=6, retrieval_frac=0.05, estimation_frac=est)
+        got = _decode_all(make_backend("wave", cfg, range(1), "cpu", torch.float32, 1 << 26, w), T - 1, 1, q, k, v)
+        errs[est] = ((got - ref).norm() / ref.norm()).item()
+    assert errs[0.232] < errs[0.0], errs
+
+
+def test_wave_generation_equals_full_at_full_budget():
+    wave = WaveConfig(**SMALL_WAVE, retrieval_frac=1.0, estimation_frac=0.0)
+    prompt = list(range(1, 255)) * 3
+    params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    outs = {}
+    for attn in ("full", "wave"):
+        eng = LLMEngine(EngineConfig(model="tiny", device="cpu", attention=attn, wave=wave,
+                                     kv_budget_bytes=1 << 26))
+        outs[attn] = [t for o in eng.generate(prompt, params) for t in o.token_ids]
+    assert outs["wave"] == outs["full"]
+
+
+@pytest.mark.parametrize("bad", [dict(retrieval_frac=0), dict(retrieval_frac=0.9, estimation_frac=0.2),
+                                 dict(window=0), dict(update_clusters=2000), dict(tokens_per_cluster=0)])
+def test_invalid_wave_config_is_rejected(bad):
+    with pytest.raises(ConfigError, match="wave config"):
+        WaveConfig(**bad)
+
+
+def test_cli_rejects_bad_wave_value(capsys):
+    from retroinfer.cli import main
+    assert main(["generate", "--prompt", "hi", "--attention", "wave", "--wave-retrieval-frac", "1.5"]) == 2
+    assert "wave config" in capsys.readouterr().err
