@@ -72,37 +72,55 @@ class LazyKernel:
             return launch
 
         def run_interpreted(*args, **kwargs):
-            with _stdlib_interpretable():
+            with _interpreter_compat():
                 return launch(*args, **kwargs)
         return run_interpreted
 
 
 @contextlib.contextmanager
-def _stdlib_interpretable():
-    """Let an interpreted kernel call Triton's own ``@jit`` library functions (``tl.max``,
-    ``tl.cdiv``...). Those are built when ``triton`` is imported, as compiled ``JITFunction``s unless
-    ``TRITON_INTERPRET=1`` was set by then, and a ``JITFunction`` refuses calls outside a compiled
-    kernel. For the launch only, such calls run through the interpreter, as they would have had
-    the variable been set at import."""
+def _interpreter_compat():
+    """Make an interpreted launch work whoever imported triton first, on triton 3.x.
+
+    * Triton's own ``@jit`` library functions (``tl.max``, ``tl.cdiv``...) are built when
+      ``triton`` is imported, as compiled ``JITFunction``s unless ``TRITON_INTERPRET=1`` was set by
+      then, and a ``JITFunction`` refuses calls outside a compiled kernel. For the launch only,
+      such calls run through the interpreter, as they would have had the variable been set.
+    * Older interpreters (triton 3.6) turn a one-element array into a loop bound with
+      ``int(array)``, which numpy refuses for shape ``(1,)``: read its single element instead.
+    """
+    from triton.runtime import interpreter as interp
     from triton.runtime.jit import JITFunction
-    if not isinstance(getattr(tl.standard, "max", None), JITFunction):  # already interpretable
-        yield
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-    cache = {}
 
-    def call(self, *args, **kwargs):
-        f = cache.get(self.fn)
-        if f is None:
-            f = cache[self.fn] = InterpretedFunction(self.fn)
-        return f(*args, **kwargs)
+    saved = []
+    if isinstance(getattr(tl.standard, "max", None), JITFunction):
+        cache = {}
 
-    original = JITFunction.__call__
-    JITFunction.__call__ = call
+        def call(self, *args, **kwargs):
+            f = cache.get(self.fn)
+            if f is None:
+                f = cache[self.fn] = interp.InterpretedFunction(self.fn)
+            return f(*args, **kwargs)
+        saved.append((JITFunction, "__call__", JITFunction.__call__))
+        JITFunction.__call__ = call
+
+    patch_tensor = getattr(interp, "_patch_lang_tensor", None)
+    if patch_tensor is not None:
+        def index(self):
+            return int(self.handle.data.reshape(-1)[0])
+
+        def patched(tensor, *args, **kwargs):
+            out = patch_tensor(tensor, *args, **kwargs)
+            scope = args[0] if args else kwargs.get("scope")
+            if scope is not None and hasattr(scope, "set_attr"):
+                scope.set_attr(tensor, "__index__", index)
+            return out
+        saved.append((interp, "_patch_lang_tensor", patch_tensor))
+        interp._patch_lang_tensor = patched
     try:
         yield
     finally:
-        JITFunction.__call__ = original
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
 
 
 def lazy_jit(fn):

@@ -9,46 +9,60 @@ cluster-sorted ``src``. For the selected ``cluster_ids[h, 0..R)`` (in that order
     lengths[h] = min(sum_r n_r, Lmax - dst_start)                   (rows written)
 
 A negative cluster id selects nothing (size 0), so callers may pad ``cluster_ids`` with -1.
-Triton: the prefix sums come from one torch ``cumsum`` (no host sync); then one program per
-(h, r) copies its cluster's rows in tiles of ``BLOCK_R``.
+Triton: one launch, grid ``(Hkv, R / CHUNK)``; each program recomputes its head's sizes and
+exclusive prefix sums from ``cluster_ids`` and ``offsets`` (``tl.cumsum`` over R), then copies its
+CHUNK clusters' rows in tiles of 16 (no torch ops, no host sync: CUDA-graph safe).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._triton_util import FLOAT_DTYPES, check_last_contiguous, lazy_jit, next_pow2, tl, use_triton
+from ._triton_util import (FLOAT_DTYPES, cdiv, check_last_contiguous, lazy_jit, next_pow2, num_sms, tl,
+                           use_triton)
 
 
 @lazy_jit
 def _gather_clusters_kernel(
-    sk_ptr, sv_ptr, off_ptr, cid_ptr, dst0_ptr, dk_ptr, dv_ptr,
+    sk_ptr, sv_ptr, off_ptr, cid_ptr, len_ptr, dk_ptr, dv_ptr,
     stride_skh, stride_skn, stride_svh, stride_svn,
-    stride_oh, stride_ch, stride_eh,
+    stride_oh, stride_ch,
     stride_dkh, stride_dkn, stride_dvh, stride_dvn,
-    C, L_MAX, D, dst_start,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    R, C, L_MAX, D, dst_start,
+    CHUNK: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)
-    r = tl.program_id(1)
-    cid = tl.load(cid_ptr + h * stride_ch + r)
-    valid = (cid >= 0) & (cid < C)
-    cid = tl.where(valid, cid, 0)
-    src0 = tl.load(off_ptr + h * stride_oh + cid)
-    n = tl.where(valid, tl.load(off_ptr + h * stride_oh + cid + 1) - src0, 0)
-    dst0 = dst_start + tl.load(dst0_ptr + h * stride_eh + r)
-    offs_r = tl.arange(0, BLOCK_R)
+    chunk = tl.program_id(1)
+    # Every program derives the head's layout itself: sizes of all R selected clusters and their
+    # exclusive prefix sums (R is small; this saves separate torch launches and any host sync).
+    offs = tl.arange(0, BLOCK_SEL)
+    ids = tl.load(cid_ptr + h * stride_ch + offs, mask=offs < R, other=-1)
+    valid = (ids >= 0) & (ids < C)
+    ids = tl.where(valid, ids, 0)
+    lo = tl.load(off_ptr + h * stride_oh + ids, mask=valid, other=0)
+    hi = tl.load(off_ptr + h * stride_oh + ids + 1, mask=valid, other=0)
+    sizes = hi - lo
+    excl = tl.cumsum(sizes, axis=0) - sizes
+    if chunk == 0:
+        tl.store(len_ptr + h, tl.minimum(tl.sum(sizes, axis=0), L_MAX - dst_start))
+
+    offs_r = tl.arange(0, BLOCK_ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    for i in range(0, n, BLOCK_R):
-        rows = i + offs_r
-        m = ((rows < n) & (dst0 + rows < L_MAX))[:, None] & dmask[None, :]
-        src_rows = (src0 + rows).to(tl.int64)[:, None]
-        dst_rows = (dst0 + rows).to(tl.int64)[:, None]
-        k = tl.load(sk_ptr + h * stride_skh + src_rows * stride_skn + offs_d[None, :], mask=m)
-        tl.store(dk_ptr + h * stride_dkh + dst_rows * stride_dkn + offs_d[None, :], k, mask=m)
-        v = tl.load(sv_ptr + h * stride_svh + src_rows * stride_svn + offs_d[None, :], mask=m)
-        tl.store(dv_ptr + h * stride_dvh + dst_rows * stride_dvn + offs_d[None, :], v, mask=m)
+    for j in range(CHUNK):
+        sel = offs == chunk * CHUNK + j
+        n = tl.sum(tl.where(sel, sizes, 0), axis=0)
+        src0 = tl.sum(tl.where(sel, lo, 0), axis=0)
+        dst0 = dst_start + tl.sum(tl.where(sel, excl, 0), axis=0)
+        for i in range(0, n, BLOCK_ROWS):
+            rows = i + offs_r
+            m = ((rows < n) & (dst0 + rows < L_MAX))[:, None] & dmask[None, :]
+            src_rows = (src0 + rows).to(tl.int64)[:, None]
+            dst_rows = (dst0 + rows).to(tl.int64)[:, None]
+            k = tl.load(sk_ptr + h * stride_skh + src_rows * stride_skn + offs_d[None, :], mask=m)
+            v = tl.load(sv_ptr + h * stride_svh + src_rows * stride_svn + offs_d[None, :], mask=m)
+            tl.store(dk_ptr + h * stride_dkh + dst_rows * stride_dkn + offs_d[None, :], k, mask=m)
+            tl.store(dv_ptr + h * stride_dvh + dst_rows * stride_dvn + offs_d[None, :], v, mask=m)
 
 
 def _plan(offsets, cluster_ids):
@@ -111,19 +125,20 @@ def gather_clusters(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Ten
     for name, t in (("src_k", src_k), ("src_v", src_v), ("dst_k", dst_k), ("dst_v", dst_v),
                     ("offsets", offsets), ("cluster_ids", cluster_ids)):
         check_last_contiguous(name, t)
-    sizes, excl = _plan(offsets, cluster_ids)
     R = cluster_ids.shape[1]
-    total = sizes.sum(dim=1)
-    lengths = total.clamp(max=Lmax - dst_start).to(torch.int32)
+    lengths = torch.zeros(Hkv, dtype=torch.int32, device=dst_k.device)
     if Hkv * R == 0:
         return lengths
-    _gather_clusters_kernel[(Hkv, R)](
-        src_k, src_v, offsets, cluster_ids, excl, dst_k, dst_v,
+    # clusters per program: about 4 waves of programs over the GPU
+    chunk = min(16, next_pow2(max(1, Hkv * R // (4 * num_sms(dst_k.device)))))
+    _gather_clusters_kernel[(Hkv, cdiv(R, chunk))](
+        src_k, src_v, offsets, cluster_ids, lengths, dst_k, dst_v,
         src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1),
-        offsets.stride(0), cluster_ids.stride(0), excl.stride(0),
+        offsets.stride(0), cluster_ids.stride(0),
         dst_k.stride(0), dst_k.stride(1), dst_v.stride(0), dst_v.stride(1),
-        offsets.shape[1] - 1, Lmax, D, int(dst_start),
-        BLOCK_R=16, BLOCK_D=max(16, next_pow2(D)), num_warps=4,
+        R, offsets.shape[1] - 1, Lmax, D, int(dst_start),
+        CHUNK=chunk, BLOCK_SEL=next_pow2(max(R, 2)), BLOCK_ROWS=16, BLOCK_D=max(16, next_pow2(D)),
+        num_warps=4,
     )
     return lengths
 

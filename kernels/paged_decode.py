@@ -7,10 +7,10 @@ at row ``t % page``:
     s_t = scale * q[b, h] . k_t,        out[b, h] = sum_t softmax(s)_t * v_t.
 
 Stage 1: grid ``(B * Hkv, num_splits)``; a program takes the ``G`` query heads of one kv head
-(padded to >= 16 rows for ``tl.dot``) over one contiguous range of that sequence's pages (each
-sequence's pages are split evenly, from ``lengths`` read on the device: no host sync, graph-safe)
-and writes its normalised partial output and log-sum-exp to fp32 scratch. Stage 2
-(``split_reduce.merge_splits``) merges the splits.
+(padded to >= 16 rows for ``tl.dot``) over one contiguous range of that sequence's tokens, in
+steps of BLOCK_T tokens whose pages are looked up per token. Each sequence is split evenly from
+``lengths`` read on the device (no host sync: CUDA-graph safe). A program writes its normalised
+partial output and log-sum-exp to fp32 scratch; stage 2 (``split_reduce.merge_splits``) merges.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from ._triton_util import (FLOAT_DTYPES, cdiv, check_last_contiguous, dot_precis
 from .split_reduce import merge_splits
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+
+# Launch parameters (tokens per loop step, warps, pipeline depth, grid waves per SM).
+TUNE = {"block_t": 64, "num_warps": 4, "num_stages": 3, "waves": 4}
 
 
 @lazy_jit
@@ -34,21 +36,21 @@ def _paged_decode_split_kernel(
     stride_vp, stride_vs, stride_vh,
     stride_btb,
     HKV, G, D, NUM_SPLITS,
-    PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
     hk = pid % HKV
     length = tl.load(len_ptr + b)
-    n_pages = tl.cdiv(length, PAGE)
-    per = tl.cdiv(n_pages, NUM_SPLITS)
-    p_begin = split * per
-    p_end = tl.minimum(p_begin + per, n_pages)
+    n_blocks = tl.cdiv(length, BLOCK_T)
+    per = tl.cdiv(n_blocks, NUM_SPLITS)
+    blk_begin = split * per
+    blk_end = tl.minimum(blk_begin + per, n_blocks)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_t = tl.arange(0, PAGE)
+    offs_t = tl.arange(0, BLOCK_T)
     gmask = offs_g < G
     dmask = offs_d < D
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (hk * G + offs_g)[:, None] * stride_qh
@@ -60,14 +62,16 @@ def _paged_decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for p in range(p_begin, p_end):
-        page = tl.load(bt_row + p).to(tl.int64)
-        tmask = (p * PAGE + offs_t) < length
+    for blk in range(blk_begin, blk_end):
+        tok = blk * BLOCK_T + offs_t
+        tmask = tok < length
+        # page of each token (BLOCK_T may span several pages or part of one)
+        page = tl.load(bt_row + tok // PAGE, mask=tmask, other=0).to(tl.int64)
+        row_k = page * stride_kp + (tok % PAGE) * stride_ks
+        row_v = page * stride_vp + (tok % PAGE) * stride_vs
         kv_mask = tmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + page * stride_kp + offs_t[:, None] * stride_ks + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_base + page * stride_vp + offs_t[:, None] * stride_vs + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        k = tl.load(k_base + row_k[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + row_v[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -131,7 +135,8 @@ def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     <= max_pages * page_size); Hq % Hkv == 0, query head h reads kv head h // (Hq // Hkv).
     Returns out [B, Hq, D] in q.dtype, ``softmax(scale * q k^T) v`` over the first lengths[b]
     tokens, accumulated in fp32. ``num_splits`` overrides the split-K factor (default: fill the
-    GPU ~4 times over from B * Hkv and max_pages; never more than max_pages).
+    GPU ~4 times over from B * Hkv and the block table's capacity; never more than its
+    blocks of BLOCK_T tokens).
     """
     if not use_triton(q, k_pages, v_pages):
         return paged_decode_ref(q, k_pages, v_pages, block_table, lengths, scale)
@@ -140,10 +145,11 @@ def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
         check_last_contiguous(name, t)
     lengths = lengths.contiguous()
     G = Hq // Hkv
-    max_pages = block_table.shape[1]
+    block_t = TUNE["block_t"]
+    max_blocks = cdiv(block_table.shape[1] * page, block_t)
     if num_splits is None:
-        num_splits = pick_splits(B * Hkv, max_pages, q.device)
-    num_splits = max(1, min(int(num_splits), max_pages))
+        num_splits = pick_splits(B * Hkv, max_blocks, q.device, TUNE["waves"])
+    num_splits = max(1, min(int(num_splits), max_blocks))
     part_out = torch.empty(B * Hq, num_splits, D, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(B * Hq, num_splits, device=q.device, dtype=torch.float32)
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
@@ -157,9 +163,9 @@ def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
         block_table.stride(0),
         Hkv, G, D, num_splits,
-        PAGE=page, BLOCK_G=max(16, next_pow2(G)), BLOCK_D=max(16, next_pow2(D)),
+        PAGE=page, BLOCK_T=block_t, BLOCK_G=max(16, next_pow2(G)), BLOCK_D=max(16, next_pow2(D)),
         PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=3,
+        num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"],
     )
     merge_splits(part_out, part_lse, out.view(B * Hq, D))
     return out

@@ -23,6 +23,9 @@ from .split_reduce import merge_splits
 
 LOG2E = 1.4426950408889634
 
+# Launch parameters (keys per loop step, warps, pipeline depth, grid waves per SM).
+TUNE = {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 4}
+
 
 @lazy_jit
 def _weighted_decode_split_kernel(
@@ -133,10 +136,10 @@ def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     B, Hkv, G, D, L = _check(q, k, v, lengths, log_w)
     for name, t in (("q", q), ("k", k), ("v", v)) + ((("log_w", log_w),) if log_w is not None else ()):
         check_last_contiguous(name, t)
-    BLOCK_N = 64
+    BLOCK_N = TUNE["block_n"]
     max_blocks = max(1, -(-L // BLOCK_N))
     if num_splits is None:
-        num_splits = pick_splits(B * Hkv, max_blocks, q.device)
+        num_splits = pick_splits(B * Hkv, max_blocks, q.device, TUNE["waves"])
     num_splits = max(1, min(int(num_splits), max_blocks))
     R = B * Hkv * G
     out = torch.empty(B, Hkv, G, D, device=q.device, dtype=torch.float32)
@@ -157,7 +160,7 @@ def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
         Hkv, G, L, D, num_splits,
         HAS_W=log_w is not None, BLOCK_N=BLOCK_N, BLOCK_G=max(16, next_pow2(G)),
         BLOCK_D=max(16, next_pow2(D)), PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=3,
+        num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"],
     )
     merge_splits(part_out, part_lse, out.view(R, D), lse.view(R))
     return out, lse

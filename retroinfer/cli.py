@@ -21,6 +21,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--kv-budget-gb", type=float, help="KV cache budget per device")
     p.add_argument("--prefill-chunk", type=int)
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="run the decode step eagerly")
     g = p.add_argument_group("wave index (attention=wave)")
     for f in dataclasses.fields(WaveConfig):
         g.add_argument("--wave-" + f.name.replace("_", "-"), dest="wave_" + f.name, type=float if f.type == "float" else int,
@@ -33,7 +35,7 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
     return EngineConfig().with_overrides(
         model=a.model, attention=a.attention, dtype=a.dtype, device=a.device,
         devices=tuple(a.devices.split(",")) if a.devices else None, max_batch=a.max_batch,
-        max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk,
+        max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk, cuda_graphs=a.cuda_graphs,
         kv_budget_bytes=int(a.kv_budget_gb * 2**30) if a.kv_budget_gb else None, wave=wave)
 
 

@@ -164,6 +164,7 @@ class EngineConfig:
     max_model_len: int | None = None     # default: the model's max_position_embeddings
     kv_budget_bytes: int | None = None   # default: what the device can hold
     prefill_chunk: int = 16384           # tokens per MLP / projection chunk in prefill
+    cuda_graphs: bool = True             # replay the decode step as a CUDA graph where the backend allows
     seed: int = 0
 
     def __post_init__(self):

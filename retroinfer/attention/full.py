@@ -43,7 +43,8 @@ class FullAttention(AttentionBackend):
     def __init__(self, cfg, layer_ids, device, dtype, kv_budget_bytes: int):
         super().__init__(cfg, layer_ids, device, dtype)
         num_pages = max(1, kv_budget_bytes // (self.bytes_per_token * PAGE))
-        shape = (num_pages, PAGE, cfg.num_kv_heads, cfg.head_dim)
+        self.scratch_page = num_pages          # never allocated: padded rows of a CUDA graph
+        shape = (num_pages + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
         self.k = {li: torch.empty(shape, device=self.device, dtype=dtype) for li in layer_ids}
         self.v = {li: torch.empty(shape, device=self.device, dtype=dtype) for li in layer_ids}
         self.pages = PageAllocator(num_pages)
@@ -77,6 +78,25 @@ class FullAttention(AttentionBackend):
         rows = torch.arange(len(seq_ids), device=self.device)
         return PagedPlan(seq_ids, table, (pos + 1).to(torch.int32),
                          table[rows, pos // PAGE].long(), pos % PAGE)
+
+    def static_plan(self, batch: int, width: int) -> PagedPlan:
+        """Buffers a CUDA graph reads its plan from (see `load_static_plan`)."""
+        dev = self.device
+        return PagedPlan([], torch.empty(batch, width, dtype=torch.int32, device=dev),
+                         torch.empty(batch, dtype=torch.int32, device=dev),
+                         torch.empty(batch, dtype=torch.long, device=dev),
+                         torch.empty(batch, dtype=torch.long, device=dev))
+
+    def load_static_plan(self, static: PagedPlan, plan: PagedPlan) -> None:
+        B, w = plan.block_table.shape
+        static.block_table.fill_(self.scratch_page)
+        static.block_table[:B, :w].copy_(plan.block_table)
+        static.lengths.fill_(1)
+        static.lengths[:B].copy_(plan.lengths)
+        static.write_page.fill_(self.scratch_page)
+        static.write_page[:B].copy_(plan.write_page)
+        static.write_off.zero_()
+        static.write_off[:B].copy_(plan.write_off)
 
     def decode(self, layer, plan: PagedPlan, q, k, v):
         from ..kernels.paged_decode import paged_decode

@@ -65,13 +65,16 @@ class LocalExecutor:
         return x
 
     def stats(self) -> dict:
-        """KV bytes summed over stages; a sequence fits only where every stage has room, so the
-        capacity is the tightest stage's share scaled to the whole model."""
-        per = [st.stats() for st in self.stages]
-        out = {"capacity_bytes": sum(p["capacity_bytes"] for p in per),
-               "used_bytes": sum(p["used_bytes"] for p in per), "stages": per}
-        for p in per:
-            for k, v in p.items():
-                if k not in out and isinstance(v, (int, float)):
-                    out[k] = v
-        return out
+        return merge_stage_stats([st.stats() for st in self.stages])
+
+
+def merge_stage_stats(per: list[dict]) -> dict:
+    """KV bytes summed over stages (a sequence fits only where every stage has room); other
+    numeric keys taken from the first stage that reports them; the stages' own dicts under "stages"."""
+    out = {"capacity_bytes": sum(p["capacity_bytes"] for p in per),
+           "used_bytes": sum(p["used_bytes"] for p in per), "stages": per}
+    for p in per:
+        for k, v in p.items():
+            if k not in out and isinstance(v, (int, float)):
+                out[k] = v
+    return out

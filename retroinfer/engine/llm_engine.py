@@ -31,6 +31,20 @@ def load_model_config(model: str) -> ModelConfig:
     return ModelConfig.from_dir(model)
 
 
+def check_request(prompt_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int) -> None:
+    """The engine's admission check without an engine (the HTTP front end runs it before routing).
+    Raises ValueError with a user-facing message if the request can never run."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    n = len(prompt_ids) + params.max_tokens
+    if n > max_model_len:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} = {n} "
+                         f"exceeds the model's context of {max_model_len} tokens")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, executor=None,
                  on_prefill_progress: Callable[[str, int, int], None] | None = None):
@@ -52,15 +66,7 @@ class LLMEngine:
     # -- thread-safe entry points ----------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError with a user-facing message if the request can never run."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        n = len(prompt_ids) + params.max_tokens
-        if n > self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} = {n} "
-                             f"exceeds the model's context of {self.max_model_len} tokens")
-        bad = [t for t in prompt_ids if not 0 <= t < self.model_cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.model_cfg.vocab_size})")
+        check_request(prompt_ids, params, self.max_model_len, self.model_cfg.vocab_size)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self.validate(prompt_ids, params)

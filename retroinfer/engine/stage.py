@@ -32,6 +32,10 @@ class Stage:
         budget = cfg.kv_budget_bytes or default_kv_budget(self.device, headroom)
         self.backend = make_backend(cfg.attention, model_cfg, layer_ids, self.device, self.dtype,
                                     budget, cfg.wave, cfg.max_batch)
+        self.graphs = None
+        if cfg.cuda_graphs and self.device.type == "cuda" and hasattr(self.backend, "static_plan"):
+            from .cuda_graph import DecodeGraphs
+            self.graphs = DecodeGraphs(self)
 
     @property
     def first(self) -> bool:
@@ -57,7 +61,14 @@ class Stage:
     def decode(self, seq_ids: list, x: torch.Tensor, positions: torch.Tensor):
         """x: ids [B] or hidden [B, H]; returns hidden, or logits [B, V] on the last stage."""
         plan = self.backend.plan_decode(seq_ids)
-        x = self.shard.embed(x) if self.first else x.to(self.device)
+        x, positions = x.to(self.device), positions.to(self.device)
+        if self.graphs is not None:
+            return self.graphs.run(plan, x, positions)
+        return self.decode_body(x, positions, plan)
+
+    def decode_body(self, x: torch.Tensor, positions: torch.Tensor, plan):
+        """The step itself, free of host synchronisation when the backend's is (graph-capturable)."""
+        x = self.shard.embed(x) if self.first else x
         x = self.shard.decode(x, positions, self.backend, plan)
         return self.shard.logits(x) if self.last else x
 

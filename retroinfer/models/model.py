@@ -31,7 +31,9 @@ class ModelShard:
     @classmethod
     def load(cls, model: str | Path, cfg: ModelConfig, layer_ids: range, device, dtype, seed: int = 0):
         if is_preset(str(model)):
-            get, names = random_source(cfg, seed, device)
+            # tiny draws on the CPU so that every device gets the same weights; the big
+            # architectures draw on their device (no host copy of an 8B model).
+            get, names = random_source(cfg, seed, "cpu" if model == "tiny" else device)
         else:
             get, names = checkpoint_source(model)
         return cls(cfg, layer_ids, device, dtype, get, names,

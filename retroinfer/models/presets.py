@@ -62,7 +62,8 @@ def _shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
 
 def random_source(cfg: ModelConfig, seed: int, device):
     """get(name) draws the tensor on `device` from a generator seeded by (seed, name): the same
-    weights whichever stage or process asks, with no host-side copy of an 8B model."""
+    weights whichever stage or process asks on that kind of device (CPU and CUDA generators
+    differ)."""
     device = torch.device(device)
 
     def get(name: str) -> torch.Tensor:

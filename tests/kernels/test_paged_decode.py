@@ -13,6 +13,7 @@ INTERP = [
     (2, 7, 1, 128, 32, [33, 200]),          # G = 7
     (2, 14, 2, 128, 16, [1000, 5]),         # G = 7, many pages, uneven batch
     (1, 2, 2, 64, 64, [4097]),              # G = 1, engine page size
+    (1, 4, 2, 64, 128, [300]),              # page larger than a loop step
 ]
 GPU_ONLY = [
     (1, 32, 8, 128, 64, [131072]),                      # Llama-3-8B shape at 128K

@@ -2,11 +2,12 @@
 
 Each file under --prompts (sorted; *.txt is the prompt itself, *.json a request body with at least
 "prompt") becomes one job: POST /v1/jobs, then GET /v1/jobs/{id} until its phase is done, failed or
-cancelled. At most --concurrency jobs are in flight; a 429 (no replica has room for the KV) is
-retried after its Retry-After. Results go to --results/<name>.json (the final job object, "result"
-included) or <name>.error.json; a prompt whose <name>.json exists is skipped, so a rerun resumes.
-SIGTERM/SIGINT cancel the jobs in flight (DELETE /v1/jobs/{id}). Exit status 0 when every job is
-done, 1 otherwise. Standard library only (it runs in any Python 3.8+).
+cancelled. It first waits up to --wait seconds for GET /v1/models to answer (the model defaults to
+the first one listed). At most --concurrency jobs are in flight; a 429 (no replica has room for
+the KV) is retried after its Retry-After. Results go to --results/<name>.json (the final job
+object, "result" included) or <name>.error.json; a prompt whose <name>.json exists is skipped, so
+a rerun resumes. SIGTERM/SIGINT cancel the jobs in flight (DELETE /v1/jobs/{id}). Exit status 0
+when every job is done, 1 otherwise. Standard library only (it runs in any Python 3.8+).
 """
 
 import argparse
@@ -58,19 +59,30 @@ def load_prompts(folder, skip_done_in):
     return jobs
 
 
-def first_model(base):
-    models = call(base, "GET", "/v1/models").get("data") or []
-    if not models:
-        raise SystemExit(f"{base}/v1/models lists no model")
-    return models[0]["id"]
+def wait_for_models(base, wait, retry):
+    """The served model names, once GET /v1/models answers (the service may still be loading)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return [m["id"] for m in call(base, "GET", "/v1/models").get("data") or []]
+        except (OSError, RuntimeError) as e:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{base} not ready after {wait:g}s: {e}") from None
+            print(f"waiting for {base}: {e}", flush=True)
+            time.sleep(retry)
 
 
 def run(args):
     base = args.url
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
+    if not Path(args.prompts).is_dir():
+        raise SystemExit(f"no prompts folder {args.prompts}")
     pending = load_prompts(args.prompts, results)
-    model = args.model or first_model(base)
+    models = wait_for_models(base, args.wait, args.retry)
+    model = args.model or (models or [None])[0]
+    if model is None:
+        raise SystemExit(f"{base}/v1/models lists no model")
     inflight = {}  # job id -> {"name", "started", "phase"}
     failures = 0
     not_before = 0.0  # no submission before this time (after a 429 or a connection error)
@@ -151,7 +163,8 @@ def main(argv=None):
     p.add_argument("--concurrency", type=int, default=2, help="jobs in flight at once")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between status polls")
     p.add_argument("--timeout", type=float, default=0, help="seconds per job, 0 = none")
-    p.add_argument("--retry", type=float, default=10.0, help="seconds before resubmitting after a connection error")
+    p.add_argument("--retry", type=float, default=10.0, help="seconds between retries after a connection error")
+    p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the service to come up")
     p.add_argument("--verbose", action="store_true", help="print every poll's phase and progress")
     return run(p.parse_args(argv))
 

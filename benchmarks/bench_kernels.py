@@ -1,0 +1,251 @@
+"""Time each Triton kernel of ``retroinfer.kernels`` against its torch reference on CUDA.
+
+Shapes are Llama-3-8B attention (Hq=32, Hkv=8, D=128, bf16) at the sizes the wave index sees.
+Times are medians of ``triton.testing.do_bench``; bandwidth counts the bytes a kernel must move
+(K and V read for attention, centroids read for scoring, rows read+written for gather).
+Prints a table and writes ``benchmarks/results/kernels_<gpu>.json`` with the GPU, versions and
+command line.
+
+    python benchmarks/bench_kernels.py            # full run (a few minutes)
+    python benchmarks/bench_kernels.py --quick    # fewer sizes, shorter timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+HQ, HKV, D, PAGE = 32, 8, 128, 64
+G = HQ // HKV
+DT = torch.bfloat16
+
+
+def timer(quick: bool):
+    from triton.testing import do_bench
+
+    def run(fn):
+        return do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median")
+    return run
+
+
+class Measure:
+    """Fills a result row: eager and CUDA-graph times of the Triton call, and the torch time."""
+
+    def __init__(self, quick: bool):
+        self.t = timer(quick)
+        self.tg = graph_timer(self.t)
+
+    def __call__(self, row: dict, fn, ref=None, **extra) -> dict:
+        row["triton_ms"] = self.t(fn)
+        row["graph_ms"] = self.tg(fn)
+        row["torch_ms"] = self.t(ref) if ref is not None else None
+        for name, f in extra.items():
+            row[f"{name}_ms"] = self.t(f)
+        return row
+
+
+def graph_timer(t, reps: int = 20):
+    """Per-call time of ``fn`` replayed from a CUDA graph of ``reps`` calls: the GPU time alone,
+    without Python/launch overhead (what a graph-captured decode step pays). None if capture fails."""
+    def run(fn):
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(reps):
+                    fn()
+            return t(g.replay) / reps
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+            print(f"  (CUDA graph capture failed: {e!r:.120})")
+            return None
+    return run
+
+
+def bench_paged_decode(K, m, quick):
+    rows = []
+    ctxs = [32768, 131072]
+    for ctx in ctxs:
+        for B in [1, 8]:
+            n_pages = math.ceil(ctx / PAGE)
+            k_pages = torch.randn(B * n_pages, PAGE, HKV, D, device="cuda", dtype=DT)
+            v_pages = torch.randn_like(k_pages)
+            bt = torch.randperm(B * n_pages, device="cuda", dtype=torch.int32).view(B, n_pages)
+            lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+            q = torch.randn(B, HQ, D, device="cuda", dtype=DT)
+            scale = D ** -0.5
+            nbytes = 2 * B * ctx * HKV * D * k_pages.element_size()
+            row = {"kernel": "paged_decode", "config": f"B={B} ctx={ctx}", "bytes": nbytes}
+            ref = None if quick and B * ctx > 131072 else (
+                lambda: K.paged_decode_ref(q, k_pages, v_pages, bt, lens, scale))
+            m(row, lambda: K.paged_decode(q, k_pages, v_pages, bt, lens, scale), ref)
+            # Contiguous-KV SDPA: the speed a paged kernel should reach.
+            kc = k_pages[bt.long()].view(B, -1, HKV, D).transpose(1, 2)
+            vc = v_pages[bt.long()].view(B, -1, HKV, D).transpose(1, 2)
+            del k_pages, v_pages
+            kc, vc = kc.contiguous(), vc.contiguous()
+            qs = q[:, :, None]
+            row["sdpa_ms"] = m.t(lambda: torch.nn.functional.scaled_dot_product_attention(
+                qs, kc, vc, scale=scale, enable_gqa=True))
+            del kc, vc
+            rows.append(row)
+    return rows
+
+
+def bench_weighted_decode(K, m, quick):
+    rows = []
+    for B, L in ([(1, 4096), (1, 20480)] if quick else [(1, 4096), (1, 20480), (8, 4096), (8, 20480)]):
+        q = torch.randn(B, HKV, G, D, device="cuda", dtype=DT)
+        k = torch.randn(B, HKV, L, D, device="cuda", dtype=DT)
+        v = torch.randn_like(k)
+        lens = torch.full((B, HKV), L, device="cuda", dtype=torch.int32)
+        lw = torch.randn(B, HKV, L, device="cuda")
+        nbytes = 2 * k.numel() * k.element_size() + lw.numel() * 4
+        rows.append(m({"kernel": "weighted_decode", "config": f"B={B} L={L}", "bytes": nbytes},
+                      lambda: K.weighted_decode(q, k, v, lens, lw, D ** -0.5),
+                      lambda: K.weighted_decode_ref(q, k, v, lens, lw, D ** -0.5)))
+    return rows
+
+
+def bench_centroid_scores(K, m, quick):
+    rows = []
+    for B, C in ([(1, 8192), (1, 65536)] if quick else [(1, 8192), (1, 65536), (8, 8192)]):
+        q = torch.randn(B, HKV, G, D, device="cuda", dtype=DT)
+        cen = torch.randn(B, HKV, C, D, device="cuda", dtype=DT)
+        cnt = torch.full((B,), C, device="cuda", dtype=torch.int32)
+        rows.append(m({"kernel": "centroid_scores", "config": f"B={B} C={C}",
+                       "bytes": cen.numel() * cen.element_size() + B * HKV * C * 4},
+                      lambda: K.centroid_scores(q, cen, cnt, D ** -0.5),
+                      lambda: K.centroid_scores_ref(q, cen, cnt, D ** -0.5)))
+    return rows
+
+
+def bench_kmeans(K, m, quick):
+    S, N, Kc = (32 if quick else 128), 8192, 512
+    x = torch.randn(S, N, D, device="cuda", dtype=DT)
+    cen = torch.nn.functional.normalize(torch.randn(S, Kc, D, device="cuda"), dim=-1).to(DT)
+    idx = K.kmeans_assign(x, cen)
+    flops = 2 * S * N * Kc * D
+    cfg = f"S={S} N={N} K={Kc}"
+    return [
+        m({"kernel": "kmeans_assign", "config": cfg, "flops": flops, "bytes": x.numel() * 2},
+          lambda: K.kmeans_assign(x, cen), lambda: K.kmeans_assign_ref(x, cen)),
+        m({"kernel": "kmeans_update", "config": cfg, "bytes": x.numel() * 2 + S * Kc * D * 4},
+          lambda: K.kmeans_update(x, idx, Kc), lambda: K.kmeans_update_ref(x, idx, Kc)),
+    ]
+
+
+def bench_gather(K, m, quick):
+    rows = []
+    N, C = 131072, 8192
+    for R in ([148] if quick else [148, 1180]):
+        src_k = torch.randn(HKV, N, D, device="cuda", dtype=DT)
+        src_v = torch.randn_like(src_k)
+        cuts = torch.sort(torch.randperm(N - 1, device="cuda")[:C - 1] + 1)[0]
+        off = torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), N)]).int().expand(HKV, -1).contiguous()
+        ids = torch.stack([torch.randperm(C, device="cuda")[:R] for _ in range(HKV)])
+        Lmax = R * 64
+        dk = torch.empty(HKV, Lmax, D, device="cuda", dtype=DT)
+        dv = torch.empty_like(dk)
+        n = int(K.gather_clusters(src_k, src_v, off, ids, dk, dv, 0).sum())
+        rows.append(m({"kernel": "gather_clusters", "config": f"R={R} (~{n // HKV} rows/head)",
+                       "bytes": 2 * 2 * n * D * 2},
+                      lambda: K.gather_clusters(src_k, src_v, off, ids, dk, dv, 0),
+                      lambda: K.gather_clusters_ref(src_k, src_v, off, ids, dk, dv, 0)))
+    return rows
+
+
+BENCHES = {"paged_decode": bench_paged_decode, "weighted_decode": bench_weighted_decode,
+           "centroid_scores": bench_centroid_scores, "kmeans": bench_kmeans, "gather": bench_gather}
+
+
+HEADER = (f"{'kernel':<16} {'config':<28} {'triton ms':>10} {'graph ms':>9} {'torch ms':>9} "
+          f"{'sdpa ms':>8} {'triton':>10} {'graph':>10} {'vs torch':>8}")
+
+
+def fmt_rate(row, key):
+    ms = row.get(key)
+    if ms is None:
+        return "-"
+    if "flops" in row:
+        return f"{row['flops'] / ms / 1e9:.0f}TF/s"
+    return f"{row['bytes'] / ms / 1e6:.0f}GB/s"
+
+
+def fmt_row(row) -> str:
+    def ms(key):
+        v = row.get(key)
+        return "-" if v is None else f"{v:.3f}"
+    speed = f"x{row['speedup']:.1f}" if row.get("speedup") else "-"
+    return (f"{row['kernel']:<16} {row['config']:<28} {ms('triton_ms'):>10} {ms('graph_ms'):>9} "
+            f"{ms('torch_ms'):>9} {ms('sdpa_ms'):>8} {fmt_rate(row, 'triton_ms'):>10} "
+            f"{fmt_rate(row, 'graph_ms'):>10} {speed:>8}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer sizes and shorter timing")
+    p.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/kernels_<gpu>.json)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+              "the CPU path of retroinfer.kernels is the torch reference itself.", file=sys.stderr)
+        return 2
+    try:
+        import triton
+    except ImportError:
+        print("bench_kernels.py needs triton installed", file=sys.stderr)
+        return 2
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.pop("RETROINFER_TRITON_INTERPRET", None)
+    try:
+        import retroinfer.kernels as K
+    except ImportError as e:
+        print(f"cannot import retroinfer.kernels ({e}); install the repo: pip install -e . --no-deps",
+              file=sys.stderr)
+        return 2
+
+    m = Measure(args.quick)
+    rows = []
+    print(HEADER)
+    for name in args.only or list(BENCHES):
+        for row in BENCHES[name](K, m, args.quick):
+            for key in ("triton", "graph", "torch", "sdpa"):
+                if row.get(f"{key}_ms") is not None:
+                    rate = row.get("flops", row["bytes"]) / row[f"{key}_ms"] / 1e6
+                    row[f"{key}_{'gflops' if 'flops' in row else 'GBps'}"] = rate
+            if row.get("torch_ms"):
+                row["speedup"] = row["torch_ms"] / row["triton_ms"]
+            rows.append(row)
+            print(fmt_row(row), flush=True)
+            torch.cuda.empty_cache()
+
+    gpu = torch.cuda.get_device_name()
+    out = Path(args.out) if args.out else (
+        Path(__file__).resolve().parent / "results" / f"kernels_{re.sub(r'[^a-z0-9]+', '_', gpu.lower()).strip('_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "command": " ".join([sys.executable] + sys.argv),
+            "quick": args.quick, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "page_size": PAGE, "dtype": str(DT)},
+            "timing": "triton.testing.do_bench median, ms; graph_ms: the triton call replayed from a "
+            "CUDA graph of 20 calls (GPU time without launch overhead)", "results": rows}
+    out.write_text(json.dumps(meta, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

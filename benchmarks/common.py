@@ -1,0 +1,86 @@
+"""Shared by the benchmarks: the card and versions, HBM bandwidth measured in the same run, and
+results written to benchmarks/results/<name>_<gpu>.json with the command line."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
+                   cuda=torch.version.cuda)
+    else:
+        env["gpu"] = "cpu"
+    return env
+
+
+def hbm_bandwidth(gib: float = 4.0) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 10)."""
+    n = int(gib * 2**30) // 2
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * n * 2 / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median seconds of fn() timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def write_result(name: str, data: dict) -> Path:
+    env = data.setdefault("env", environment())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    gpu = env["gpu"].replace(" ", "-").replace("/", "-")
+    path = RESULTS / f"{name}_{gpu}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def table(rows: list[dict], cols: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(cols, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
