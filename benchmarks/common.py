@@ -63,6 +63,21 @@ def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_time(fn, iters: int = 20) -> float:
+    """Median seconds of one replay of fn() captured in a CUDA graph: the GPU time without
+    launch overhead (how the engine runs a decode step)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return cuda_time(g.replay, iters=iters)
+
+
 def write_result(name: str, data: dict) -> Path:
     env = data.setdefault("env", environment())
     RESULTS.mkdir(parents=True, exist_ok=True)

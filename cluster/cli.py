@@ -12,7 +12,7 @@ def add_cluster_parser(sub) -> None:
     csub = p.add_subparsers(dest="cluster_command", required=True)
 
     u = csub.add_parser("up", help="start one Ray node per NUMA node (the first is the head)")
-    u.add_argument("--host", default="127.0.0.1", help="IP the nodes bind to and the head listens on")
+    u.add_argument("--host", help="this host's IP for the nodes (default: Ray's choice of node IP)")
     u.add_argument("--port", type=int, default=6379, help="the head's GCS port")
     u.add_argument("--simulate-numa", type=int, metavar="K", help="split each real node into K fake nodes")
     u.add_argument("--no-numactl", action="store_true", help="bind with affinity + set_mempolicy even if numactl exists")

@@ -61,13 +61,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def plan(topo: Topology, *, host: str = "127.0.0.1", port: int = 6379, use_numactl: bool | None = None,
+def node_ip() -> str:
+    from ray._private.services import get_node_ip_address
+    return get_node_ip_address()
+
+
+def auth_env() -> dict[str, str]:
+    """Token auth for every node and client alike: Ray turns it on for a head when a token exists
+    (~/.ray/auth_token), but a joining node or client must be told."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return {"RAY_AUTH_MODE": "token"} if os.environ.get("RAY_AUTH_TOKEN") or token_file.exists() else {}
+
+
+def plan(topo: Topology, *, host: str | None = None, port: int = 6379, use_numactl: bool | None = None,
          temp_dir: str | None = None, object_store_fraction: float = 0.3, worker_port_base: int = 20000,
          extra_args: list[str] | None = None) -> list[NodePlan]:
     """The `ray start` command of every node. `use_numactl` None: when numactl is installed."""
     numactl = shutil.which("numactl") if use_numactl in (None, True) else None
     if use_numactl and not numactl:
         raise RuntimeError("numactl requested but not installed")
+    host = host or node_ip()
     address = f"{host}:{port}"
     plans = []
     for i, node in enumerate(topo.nodes):
@@ -96,7 +111,8 @@ def plan(topo: Topology, *, host: str = "127.0.0.1", port: int = 6379, use_numac
             cpu_arg = f"--cpunodebind={real}" if not topo.simulated else f"--physcpubind={format_cpulist(node.cpus)}"
             argv = [numactl, cpu_arg, f"--membind={real}"] + argv
             binder = "numactl"
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, node.gpu_indices)), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, node.gpu_indices)), "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+               **auth_env()}
         plans.append(NodePlan(node.id, i == 0, list(node.cpus), [real], node.gpu_indices, argv, env, binder))
     return plans
 
@@ -129,7 +145,7 @@ def _spawn(p: NodePlan, log_path: Path) -> subprocess.Popen:
                             preexec_fn=preexec, start_new_session=True)
 
 
-def up(plans: list[NodePlan], *, host: str, port: int, state_file: Path | None = None,
+def up(plans: list[NodePlan], *, host: str | None, port: int, state_file: Path | None = None,
        timeout: float = 120.0) -> dict:
     state_file = state_file or default_state_file()
     if state_file.exists():
@@ -140,6 +156,7 @@ def up(plans: list[NodePlan], *, host: str, port: int, state_file: Path | None =
     state_file.parent.mkdir(parents=True, exist_ok=True)
     log_dir = state_file.parent / "logs"
     log_dir.mkdir(exist_ok=True)
+    host = host or node_ip()
     state = {"address": f"{host}:{port}", "started": time.time(), "nodes": []}
     try:
         for p in plans:
@@ -161,7 +178,10 @@ def _wait_nodes(address: str, n: int, timeout: float) -> None:
             "t=time.time()\nwhile sum(x['Alive'] for x in ray.nodes())<int(sys.argv[2]):\n"
             "    if time.time()-t>float(sys.argv[3]): sys.exit('timed out waiting for nodes')\n"
             "    time.sleep(0.5)\n")
-    subprocess.run([sys.executable, "-c", code, address, str(n), str(timeout)], check=True, timeout=timeout + 60)
+    r = subprocess.run([sys.executable, "-c", code, address, str(n), str(timeout)], env=dict(os.environ, **auth_env()),
+                       capture_output=True, text=True, timeout=timeout + 60)
+    if r.returncode:
+        raise RuntimeError(f"the nodes did not come up: {r.stderr.strip().splitlines()[-1:]}")
 
 
 def _alive(pid: int) -> bool:
@@ -212,6 +232,9 @@ def status(address: str | None = None) -> list[dict]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     own = not ray.is_initialized()
     if own:
+        if auth_env() and not os.environ.get("RAY_AUTH_MODE"):
+            from ray._private.authentication.authentication_token_setup import _enable_token_auth
+            _enable_token_auth()   # sets RAY_AUTH_MODE=token and refreshes Ray's cached config
         ray.init(address=address or "auto", logging_level="error", log_to_driver=False)
     try:
         probe = ray.remote(num_cpus=0)(_report)

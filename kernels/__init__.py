@@ -9,6 +9,9 @@ from .centroid_scores import centroid_scores, centroid_scores_ref
 from .gather import gather_clusters, gather_clusters_ref
 from .kmeans import kmeans_assign, kmeans_assign_ref, kmeans_update, kmeans_update_ref
 from .paged_decode import paged_decode, paged_decode_ref
+from .rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+from .rope import apply_rope, apply_rope_ref, rope_ref
+from .swiglu import silu_mul, silu_mul_ref
 from .weighted_decode import merge_states, weighted_decode, weighted_decode_ref
 
 __all__ = [
@@ -16,5 +19,8 @@ __all__ = [
     "gather_clusters", "gather_clusters_ref",
     "kmeans_assign", "kmeans_assign_ref", "kmeans_update", "kmeans_update_ref",
     "paged_decode", "paged_decode_ref",
+    "add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref",
+    "apply_rope", "apply_rope_ref", "rope_ref",
+    "silu_mul", "silu_mul_ref",
     "merge_states", "weighted_decode", "weighted_decode_ref",
 ]

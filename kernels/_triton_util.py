@@ -98,8 +98,15 @@ def _interpreter_compat():
         def call(self, *args, **kwargs):
             f = cache.get(self.fn)
             if f is None:
-                f = cache[self.fn] = interp.InterpretedFunction(self.fn)
-            return f(*args, **kwargs)
+                f = cache[self.fn] = interp.InterpretedFunction(self.fn).rewrite()
+            # InterpretedFunction.__call__ would leave triton.language.core patched for good,
+            # breaking later compiled launches in this process: undo the patch after the call.
+            scope = interp._patch_lang(self.fn)
+            try:
+                return f(*args, **kwargs)
+            finally:
+                if hasattr(scope, "restore"):
+                    scope.restore()
         saved.append((JITFunction, "__call__", JITFunction.__call__))
         JITFunction.__call__ = call
 

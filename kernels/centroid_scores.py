@@ -24,12 +24,13 @@ LOG2E = 1.4426950408889634
 
 @lazy_jit
 def _centroid_logits_kernel(
-    q_ptr, c_ptr, cnt_ptr, z_ptr, pm_ptr, pl_ptr,
+    q_ptr, c_ptr, cnt_ptr, base_ptr, z_ptr, pm_ptr, pl_ptr,
     sm_scale_log2,
     stride_qb, stride_qh, stride_qg,
     stride_cb, stride_ch, stride_cc,
     HKV, G, C, D, NUM_SPLITS,
     BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BASE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -48,7 +49,10 @@ def _centroid_logits_kernel(
     dmask = offs_d < D
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
-    c_base = c_ptr + b * stride_cb + h * stride_ch
+    if HAS_BASE:   # ragged pool: row b's centroids start at base[b]
+        c_base = c_ptr + h * stride_ch + tl.load(base_ptr + b).to(tl.int64) * stride_cc
+    else:
+        c_base = c_ptr + b * stride_cb + h * stride_ch
     z_rows = z_ptr + (pid.to(tl.int64) * G + offs_g)[:, None] * C
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -124,14 +128,30 @@ def centroid_scores_ref(q: torch.Tensor, centroids: torch.Tensor, counts: torch.
     return p.sum(dim=2).masked_fill_(~valid[:, None, :], -1.0)
 
 
+def _ragged_view(centroids: torch.Tensor, base: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, Hkv, width, D] copy of each row's window of the pool (reference path)."""
+    idx = (base[:, None].long() + torch.arange(width, device=base.device)).clamp(max=centroids.shape[1] - 1)
+    return centroids[:, idx].transpose(0, 1)
+
+
 def centroid_scores(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor,
-                    scale: float, num_splits: int | None = None) -> torch.Tensor:
+                    scale: float, num_splits: int | None = None, base: torch.Tensor | None = None,
+                    width: int | None = None) -> torch.Tensor:
     """Ranking score of every cluster, summed over the GQA group (see the module docstring).
 
     q: [B, Hkv, G, D]; centroids: [B, Hkv, C, D] (last dim contiguous; row b valid for
     c < counts[b]); counts: [B] int32. Returns scores [B, Hkv, C] float32, -1.0 on padding.
     Mixed q / centroids dtypes are promoted to a common one before the dot.
+    Ragged form: `centroids` is a pool [Hkv, N, D] and `base` [B] int64 says where row b's
+    clusters start in it; `width` (>= max counts) is C, the width of the scores.
     """
+    if base is not None:
+        assert centroids.dim() == 3 and width is not None and base.shape == counts.shape
+        if not use_triton(q, centroids):
+            return centroid_scores_ref(q, _ragged_view(centroids, base, width), counts, scale)
+        assert width <= centroids.shape[1], (width, centroids.shape)
+        q = q.to(centroids.dtype)      # never promote the pool: the view below is B-fold
+        centroids = centroids[None].expand(q.shape[0], -1, -1, -1)[:, :, :width]
     if not use_triton(q, centroids):
         return centroid_scores_ref(q, centroids, counts, scale)
     B, Hkv, G, D, C = _check(q, centroids, counts)
@@ -153,13 +173,13 @@ def centroid_scores(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tens
     pm = torch.empty(B * Hkv * G, num_splits, device=q.device, dtype=torch.float32)
     pl = torch.empty_like(pm)
     _centroid_logits_kernel[(B * Hkv, num_splits)](
-        q, centroids, counts, z, pm, pl,
+        q, centroids, counts, base if base is not None else counts, z, pm, pl,
         float(scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         centroids.stride(0), centroids.stride(1), centroids.stride(2),
         Hkv, G, C, D, num_splits,
         BLOCK_C=BLOCK_C, BLOCK_G=BLOCK_G, BLOCK_D=max(16, next_pow2(D)),
-        PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=3,
+        PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=3, HAS_BASE=base is not None,
     )
     BLOCK_C2 = 256
     _centroid_probs_kernel[(B * Hkv, cdiv(C, BLOCK_C2))](

@@ -28,10 +28,11 @@ def _gather_clusters_kernel(
     stride_skh, stride_skn, stride_svh, stride_svn,
     stride_oh, stride_ch,
     stride_dkh, stride_dkn, stride_dvh, stride_dvn,
-    R, C, L_MAX, D, dst_start,
+    R, C, L_MAX, D, dst_start, HEADS,
     CHUNK: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    h = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(0).to(tl.int64)      # row of cluster_ids / dst / lengths
+    hs = h % HEADS                         # row of src / offsets (batched: (b, h) -> h)
     chunk = tl.program_id(1)
     # Every program derives the head's layout itself: sizes of all R selected clusters and their
     # exclusive prefix sums (R is small; this saves separate torch launches and any host sync).
@@ -39,8 +40,8 @@ def _gather_clusters_kernel(
     ids = tl.load(cid_ptr + h * stride_ch + offs, mask=offs < R, other=-1)
     valid = (ids >= 0) & (ids < C)
     ids = tl.where(valid, ids, 0)
-    lo = tl.load(off_ptr + h * stride_oh + ids, mask=valid, other=0)
-    hi = tl.load(off_ptr + h * stride_oh + ids + 1, mask=valid, other=0)
+    lo = tl.load(off_ptr + hs * stride_oh + ids, mask=valid, other=0)
+    hi = tl.load(off_ptr + hs * stride_oh + ids + 1, mask=valid, other=0)
     sizes = hi - lo
     excl = tl.cumsum(sizes, axis=0) - sizes
     if chunk == 0:
@@ -59,8 +60,8 @@ def _gather_clusters_kernel(
             m = ((rows < n) & (dst0 + rows < L_MAX))[:, None] & dmask[None, :]
             src_rows = (src0 + rows).to(tl.int64)[:, None]
             dst_rows = (dst0 + rows).to(tl.int64)[:, None]
-            k = tl.load(sk_ptr + h * stride_skh + src_rows * stride_skn + offs_d[None, :], mask=m)
-            v = tl.load(sv_ptr + h * stride_svh + src_rows * stride_svn + offs_d[None, :], mask=m)
+            k = tl.load(sk_ptr + hs * stride_skh + src_rows * stride_skn + offs_d[None, :], mask=m)
+            v = tl.load(sv_ptr + hs * stride_svh + src_rows * stride_svn + offs_d[None, :], mask=m)
             tl.store(dk_ptr + h * stride_dkh + dst_rows * stride_dkn + offs_d[None, :], k, mask=m)
             tl.store(dv_ptr + h * stride_dvh + dst_rows * stride_dvn + offs_d[None, :], v, mask=m)
 
@@ -136,11 +137,47 @@ def gather_clusters(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Ten
         src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1),
         offsets.stride(0), cluster_ids.stride(0),
         dst_k.stride(0), dst_k.stride(1), dst_v.stride(0), dst_v.stride(1),
-        R, offsets.shape[1] - 1, Lmax, D, int(dst_start),
+        R, offsets.shape[1] - 1, Lmax, D, int(dst_start), Hkv,
         CHUNK=chunk, BLOCK_SEL=next_pow2(max(R, 2)), BLOCK_ROWS=16, BLOCK_D=max(16, next_pow2(D)),
         num_warps=4,
     )
     return lengths
 
 
-__all__ = ["gather_clusters", "gather_clusters_ref"]
+def gather_clusters_batched(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Tensor,
+                            cluster_ids: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
+                            dst_start: int) -> torch.Tensor:
+    """`gather_clusters` for B batch rows sharing one source pool in one launch.
+
+    src_k, src_v: [Hkv, N, D] (a pool holding every row's clusters); offsets: [Hkv, C+1] int32
+    (absolute rows in the pool); cluster_ids: [B, Hkv, R] int64 (absolute cluster ids, -1 =
+    nothing); dst_k, dst_v: [B, Hkv, Lmax, D] contiguous. Returns lengths [B, Hkv] int32.
+    """
+    B, Hkv, R = cluster_ids.shape
+    D, Lmax = src_k.shape[2], dst_k.shape[2]
+    assert dst_k.shape == (B, Hkv, Lmax, D) and dst_k.is_contiguous() and dst_v.is_contiguous()
+    if not use_triton(src_k, src_v, dst_k, dst_v):
+        return torch.stack([gather_clusters_ref(src_k, src_v, offsets, cluster_ids[b], dst_k[b], dst_v[b],
+                                                dst_start) for b in range(B)]) if B else \
+            torch.zeros(0, Hkv, dtype=torch.int32, device=dst_k.device)
+    _check(src_k, src_v, offsets, cluster_ids[0], dst_k[0], dst_v[0], dst_start)
+    rows = B * Hkv
+    lengths = torch.zeros(rows, dtype=torch.int32, device=dst_k.device)
+    if rows * R == 0:
+        return lengths.view(B, Hkv)
+    ids = cluster_ids.reshape(rows, R).contiguous()
+    dk, dv = dst_k.view(rows, Lmax, D), dst_v.view(rows, Lmax, D)
+    chunk = min(16, next_pow2(max(1, rows * R // (4 * num_sms(dst_k.device)))))
+    _gather_clusters_kernel[(rows, cdiv(R, chunk))](
+        src_k, src_v, offsets, ids, lengths, dk, dv,
+        src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1),
+        offsets.stride(0), ids.stride(0),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        R, offsets.shape[1] - 1, Lmax, D, int(dst_start), Hkv,
+        CHUNK=chunk, BLOCK_SEL=next_pow2(max(R, 2)), BLOCK_ROWS=16, BLOCK_D=max(16, next_pow2(D)),
+        num_warps=4,
+    )
+    return lengths.view(B, Hkv)
+
+
+__all__ = ["gather_clusters", "gather_clusters_batched", "gather_clusters_ref"]

@@ -25,6 +25,10 @@ class AttentionBackend(ABC):
     prompt's K/V (attention over the prompt itself is dense and done by the model); each decode
     step calls `plan_decode` once, then `decode` for every layer, which appends the step's K/V and
     returns the attention output; `free` returns everything.
+
+    A backend whose `decode` never synchronises with the host may offer CUDA-graph replay by
+    defining `graph_key(plan)` (plans with equal keys share a graph), `static_plan(batch, plan)`
+    (buffers for a padded batch) and `load_static_plan(static, plan)`.
     """
 
     def __init__(self, cfg: ModelConfig, layer_ids: range, device: torch.device, dtype: torch.dtype):
@@ -50,6 +54,9 @@ class AttentionBackend(ABC):
     @abstractmethod
     def decode(self, layer: int, plan: Any, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor: ...
+
+    def finish_step(self, plan: Any) -> None:
+        """Host-side maintenance once every layer has run the step (outside any CUDA graph)."""
 
     @abstractmethod
     def free(self, seq_id: Hashable) -> None: ...

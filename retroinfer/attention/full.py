@@ -79,9 +79,12 @@ class FullAttention(AttentionBackend):
         return PagedPlan(seq_ids, table, (pos + 1).to(torch.int32),
                          table[rows, pos // PAGE].long(), pos % PAGE)
 
-    def static_plan(self, batch: int, width: int) -> PagedPlan:
+    def graph_key(self, plan: PagedPlan) -> int:
+        return 1 << max(0, plan.block_table.shape[1] - 1).bit_length()
+
+    def static_plan(self, batch: int, plan: PagedPlan) -> PagedPlan:
         """Buffers a CUDA graph reads its plan from (see `load_static_plan`)."""
-        dev = self.device
+        dev, width = self.device, self.graph_key(plan)
         return PagedPlan([], torch.empty(batch, width, dtype=torch.int32, device=dev),
                          torch.empty(batch, dtype=torch.int32, device=dev),
                          torch.empty(batch, dtype=torch.long, device=dev),

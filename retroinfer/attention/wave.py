@@ -2,6 +2,10 @@
 steady (sink + local window + decoded tokens not yet indexed, exact), retrieval (the top clusters
 by centroid score, exact over their gathered KV) and estimation (the next clusters, each one
 weighted entry: key = centroid, value = value mean, weight = size) — merged by log-sum-exp.
+
+Every sequence owns a steady-zone slot and ranges of the per-layer pools (wave/pools.py), so a
+decode step runs a fixed set of batched kernels over all slots (idle slots have zero lengths),
+whatever the batch: no per-sequence launches, no host synchronisation, capturable in a CUDA graph.
 Here the indexed KV stays on the GPU; the wave buffer moves it to host memory."""
 from __future__ import annotations
 
@@ -12,29 +16,40 @@ import torch
 
 from ..config import WaveConfig
 from ..wave.index import ClusterIndex, build_index
+from ..wave.pools import WavePools
 from .base import AttentionBackend, KVCapacityError
 
 
 @dataclass
 class SeqState:
     slot: int
-    tokens: int                       # reserved tokens
-    steady: int = 0                   # valid rows of this sequence's steady zone
-    index: dict = field(default_factory=dict)   # layer -> ClusterIndex
-    max_cluster: int = 0              # over all layers: sizes the gather buffer
+    tok0: int                          # first row of its range of the token pool
+    cl0: int                           # first entry of its range of the cluster pool
+    tokens: int                        # reserved tokens
+    steady: int = 0                    # valid rows of the steady zone
+    indexed: int = 0                   # tokens in the index (same in every layer)
+    clusters: int = 0                  # clusters in the index (same in every layer)
 
 
 @dataclass
 class WavePlan:
+    """Per-step inputs shared by every layer; the [S] tensors cover slots 0..S-1 (slot 0 is
+    scratch, S a power of two past the highest busy slot)."""
     seq_ids: list
-    slots: torch.Tensor               # [B] int64
-    write_pos: torch.Tensor           # [B] int64: steady row of this step's token
-    steady_len: torch.Tensor          # [S, Hkv] int32 over all slots (0 for idle slots)
-    indexed: list                     # (batch row, SeqState, retrieval r, estimation e)
-    exec_k: torch.Tensor | None = None
-    exec_v: torch.Tensor | None = None
-    log_w: torch.Tensor | None = None
-    updates: list = field(default_factory=list)   # SeqStates whose steady zone overflows this step
+    slots: torch.Tensor                # [B] int64
+    write_pos: torch.Tensor            # [B] int64: steady row of this step's token
+    steady_len: torch.Tensor           # [S, H] int32
+    counts: torch.Tensor               # [S] int32 clusters (0: idle or not indexed yet)
+    base: torch.Tensor                 # [S] int64 first cluster in the pool
+    retrieve: torch.Tensor             # [S] int64 retrieval clusters
+    estimate: torch.Tensor             # [S] int64 estimation clusters
+    shape: tuple[int, int, int, int, int]   # (slots S, score width W, retrieval cap R, estimation
+                                            #  cap E, execution buffer rows)
+    updates: list = field(default_factory=list)   # SeqStates whose steady zone is full
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
 
 class WaveAttention(AttentionBackend):
@@ -43,32 +58,45 @@ class WaveAttention(AttentionBackend):
         super().__init__(cfg, layer_ids, device, dtype)
         self.wave = wave
         self.steady_cap = wave.sink + wave.window + wave.update_every
-        shape = (max_seqs, cfg.num_kv_heads, self.steady_cap, cfg.head_dim)
-        self.k_steady = {li: torch.zeros(shape, device=self.device, dtype=dtype) for li in layer_ids}
-        self.v_steady = {li: torch.zeros(shape, device=self.device, dtype=dtype) for li in layer_ids}
-        self.free_slots = list(range(max_seqs - 1, -1, -1))
+        # Clusters per token at most: prompt segments (tokens_per_cluster, plus one per segment
+        # for rounding) and decode updates (update_clusters per update_every).
+        self.cluster_ratio = max(1 / wave.tokens_per_cluster, wave.update_clusters / wave.update_every) \
+            + 1 / wave.segment_size
+        steady = WavePools.bytes_needed(cfg, len(layer_ids), dtype, max_seqs, self.steady_cap, 0, 0)
+        tokens = int((kv_budget_bytes - steady) / (self.bytes_per_token * (1 + self.cluster_ratio)))
+        if tokens < wave.update_every:
+            raise ValueError(f"KV budget of {kv_budget_bytes / 2**20:.1f} MiB leaves no room for the wave "
+                             f"index after the steady zones of {max_seqs} sequences")
+        clusters = int(tokens * self.cluster_ratio) + 4 * max_seqs
+        self.pools = WavePools(cfg, layer_ids, self.device, dtype, max_seqs, self.steady_cap, tokens, clusters)
+        self.free_slots = list(range(max_seqs, 0, -1))      # slot 0: scratch (pools.scratch)
         self.seqs: dict[Hashable, SeqState] = {}
-        # The meta-index costs a key and a value mean per cluster on top of the KV itself.
-        self.token_bytes = int(self.bytes_per_token * (1 + 1 / wave.tokens_per_cluster))
-        self.capacity = kv_budget_bytes - 2 * max_seqs * self.steady_cap * self.bytes_per_token // 2
-        self.used = 0
+        self.max_cluster = 0           # over all sequences and layers: sizes the gather buffer
 
-    # -- lifecycle -------------------------------------------------------------------------------
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def _clusters_for(self, tokens: int) -> int:
+        return int(tokens * self.cluster_ratio) + 3
+
     def reserve(self, seq_id, num_tokens):
-        need = num_tokens * self.token_bytes
-        if need > self.capacity:
-            raise KVCapacityError(f"needs {need / 2**30:.2f} GiB of KV, capacity {self.capacity / 2**30:.2f} GiB",
+        p = self.pools
+        if num_tokens > p.tokens.capacity:
+            raise KVCapacityError(f"{num_tokens} tokens exceed the KV capacity of {p.tokens.capacity} tokens",
                                   ever=False)
-        if need > self.capacity - self.used or not self.free_slots:
-            raise KVCapacityError(f"needs {need / 2**30:.2f} GiB of KV, "
-                                  f"{(self.capacity - self.used) / 2**30:.2f} GiB free", ever=True)
-        self.used += need
-        self.seqs[seq_id] = SeqState(slot=self.free_slots.pop(), tokens=num_tokens)
+        if not self.free_slots:
+            raise KVCapacityError("every sequence slot is busy", ever=True)
+        tok0 = p.tokens.alloc(num_tokens)
+        cl0 = p.clusters.alloc(self._clusters_for(num_tokens)) if tok0 is not None else None
+        if cl0 is None:
+            if tok0 is not None:
+                p.tokens.release(tok0)
+            raise KVCapacityError(f"{num_tokens} tokens of KV: {p.tokens.free_total} tokens free", ever=True)
+        self.seqs[seq_id] = SeqState(slot=self.free_slots.pop(), tok0=tok0, cl0=cl0, tokens=num_tokens)
 
     def free(self, seq_id):
         st = self.seqs.pop(seq_id, None)
         if st is not None:
-            self.used -= st.tokens * self.token_bytes
+            self.pools.tokens.release(st.tok0)
+            self.pools.clusters.release(st.cl0)
             self.free_slots.append(st.slot)
 
     def write_prefill(self, layer, seq_id, k, v, start):
@@ -77,40 +105,50 @@ class WaveAttention(AttentionBackend):
         T = k.shape[0]
         if T - w.sink - w.window >= w.update_every:
             ix = build_index(k[w.sink:T - w.window], v[w.sink:T - w.window], w)
-            st.index[layer] = ix
-            st.max_cluster = max(st.max_cluster, ix.max_cluster)
+            self._add_segment(layer, st, ix)
             k_s, v_s = torch.cat([k[:w.sink], k[T - w.window:]]), torch.cat([v[:w.sink], v[T - w.window:]])
         else:   # too short to index: dense until decoding makes it long enough
             k_s, v_s = k, v
-        n = k_s.shape[0]
-        self.k_steady[layer][st.slot, :, :n] = k_s.transpose(0, 1)
-        self.v_steady[layer][st.slot, :, :n] = v_s.transpose(0, 1)
-        st.steady = n
+        self.pools.write_steady(layer, st.slot, 0, k_s.transpose(0, 1), v_s.transpose(0, 1))
+        st.steady = k_s.shape[0]
 
-    # -- decode ------------------------------------------------------------------------------------
+    def _add_segment(self, layer, st: SeqState, ix: ClusterIndex) -> None:
+        """Appends a segment after the sequence's index; the counts move after the last layer."""
+        self.pools.write_index(layer, st.tok0 + st.indexed, st.cl0 + st.clusters, ix)
+        self.max_cluster = max(self.max_cluster, ix.max_cluster)
+        if layer == self.layer_ids[-1]:
+            st.indexed += ix.num_tokens
+            st.clusters += ix.num_clusters
+
+    # -- decode -------------------------------------------------------------------------------------
     def plan_decode(self, seq_ids):
         states = [self.seqs[s] for s in seq_ids]
-        dev, H, D = self.device, self.cfg.num_kv_heads, self.cfg.head_dim
-        steady_len = torch.zeros(len(self.free_slots) + len(self.seqs), H, dtype=torch.int32)
-        indexed, cap = [], 0
-        for row, st in enumerate(states):
-            steady_len[st.slot] = st.steady + 1
-            ix = next(iter(st.index.values()), None)
-            if ix is not None:
-                r, e = self.wave.zone_sizes(ix.num_clusters)
-                indexed.append((row, st, r, e))
-                cap = max(cap, e + min(ix.num_tokens, r * st.max_cluster))
+        H = self.cfg.num_kv_heads
+        S = min(1 << max(st.slot for st in states).bit_length(), self.pools.slots)
+        steady = torch.zeros(S, dtype=torch.int32)
+        counts = torch.zeros(S, dtype=torch.int32)
+        base = torch.zeros(S, dtype=torch.long)
+        retrieve = torch.zeros(S, dtype=torch.long)
+        estimate = torch.zeros(S, dtype=torch.long)
+        for st in states:
+            steady[st.slot], counts[st.slot], base[st.slot] = st.steady + 1, st.clusters, st.cl0
+            if st.clusters:
+                retrieve[st.slot], estimate[st.slot] = self.wave.zone_sizes(st.clusters)
+        # Caps rounded up, so that a CUDA graph captured for them serves many steps.
+        W = min(_round_up(int(counts.max()), 512), self.pools.clusters.capacity)
+        K = min(_round_up(int(retrieve.max()), 16) + _round_up(int(estimate.max()), 64), W)
+        R = min(_round_up(int(retrieve.max()), 16), K)
+        E = min(_round_up(int(estimate.max()), 64), K)
+        rows = E + _round_up(R * self.max_cluster, 256) if R else 0
+        dev = self.device
         plan = WavePlan(
             seq_ids=list(seq_ids),
             slots=torch.tensor([st.slot for st in states], device=dev),
             write_pos=torch.tensor([st.steady for st in states], device=dev),
-            steady_len=steady_len.to(dev), indexed=indexed,
+            steady_len=steady[:, None].expand(S, H).contiguous().to(dev),
+            counts=counts.to(dev), base=base.to(dev), retrieve=retrieve.to(dev), estimate=estimate.to(dev),
+            shape=(S, W, R, E, rows),
             updates=[st for st in states if st.steady + 1 == self.steady_cap])
-        if indexed:
-            shape = (len(indexed), H, cap, D)
-            plan.exec_k = torch.empty(shape, device=dev, dtype=self.dtype)
-            plan.exec_v = torch.empty(shape, device=dev, dtype=self.dtype)
-            plan.log_w = torch.zeros(shape[:3], device=dev, dtype=torch.float32)
         for st in states:
             st.steady += 1
         return plan
@@ -120,64 +158,97 @@ class WaveAttention(AttentionBackend):
 
         B, Hq, D = q.shape
         H = self.cfg.num_kv_heads
-        q4 = q.view(B, H, Hq // H, D)
-        ks, vs = self.k_steady[layer], self.v_steady[layer]
+        p = self.pools
+        S = plan.shape[0]
+        ks, vs = p.k_steady[layer][:S], p.v_steady[layer][:S]
         ks[plan.slots, :, plan.write_pos] = k
         vs[plan.slots, :, plan.write_pos] = v
-        q_slots = q4.new_zeros((ks.shape[0],) + q4.shape[1:])
-        q_slots[plan.slots] = q4
+        q_slots = q.new_zeros((S, H, Hq // H, D))
+        q_slots[plan.slots] = q.view(B, H, Hq // H, D)
         out, lse = weighted_decode(q_slots, ks, vs, plan.steady_len, None, self.scale)
-        out, lse = out[plan.slots], lse[plan.slots]
-        if plan.indexed:
-            rows = torch.tensor([row for row, *_ in plan.indexed], device=self.device)
-            lengths = self._assemble(layer, plan, q4[rows])
-            out_i, lse_i = weighted_decode(q4[rows], plan.exec_k, plan.exec_v, lengths, plan.log_w, self.scale)
-            merged, merged_lse = merge_states(out[rows], lse[rows], out_i, lse_i)
-            out[rows], lse[rows] = merged, merged_lse
-        for st in plan.updates:
-            self._index_update(layer, st)
-        return out.view(B, Hq, D).to(q.dtype)
+        if plan.shape[4]:
+            k_x, v_x, log_w, lengths = self._assemble(layer, plan, q_slots)
+            out_i, lse_i = weighted_decode(q_slots, k_x, v_x, lengths, log_w, self.scale)
+            out, lse = merge_states(out, lse, out_i, lse_i)
+        return out[plan.slots].view(B, Hq, D).to(q.dtype)
 
-    def _assemble(self, layer, plan: WavePlan, q_idx: torch.Tensor) -> torch.Tensor:
-        """Fill the execution buffer: per row, estimation entries [0, e), then the retrieved
-        clusters' KV. Returns valid lengths [rows, Hkv]."""
+    def _assemble(self, layer, plan: WavePlan, q_slots: torch.Tensor):
+        """Execution buffer of every slot: its estimation entries in rows [0, E) (weight -inf
+        past its own count), then its retrieved clusters' KV from row E."""
         from ..kernels.centroid_scores import centroid_scores
-        from ..kernels.gather import gather_clusters
+        from ..kernels.gather import gather_clusters_batched
 
+        p, dev = self.pools, self.device
         H, D = self.cfg.num_kv_heads, self.cfg.head_dim
-        lengths = []
-        for i, (_, st, r, e) in enumerate(plan.indexed):
-            ix: ClusterIndex = st.index[layer]
-            counts = torch.full((1,), ix.num_clusters, dtype=torch.int32, device=self.device)
-            scores = centroid_scores(q_idx[i:i + 1], ix.centroids[None], counts, self.scale)[0]
-            top = scores.topk(r + e, dim=-1, sorted=True).indices            # [H, r + e]
-            est = top[:, r:]
-            if e:
-                sel = est[..., None].expand(-1, -1, D)
-                plan.exec_k[i, :, :e] = ix.centroids.gather(1, sel)
-                plan.exec_v[i, :, :e] = ix.value_mean.gather(1, sel)
-                plan.log_w[i, :, :e] = ix.log_size.gather(1, est)
-            n = gather_clusters(ix.keys, ix.values, ix.offsets, top[:, :r].contiguous(),
-                                plan.exec_k[i], plan.exec_v[i], e)
-            lengths.append(n + e)
-        return torch.stack(lengths).to(torch.int32)
+        S, W, R, E, rows = plan.shape
+        scores = centroid_scores(q_slots, p.centroids[layer], plan.counts, self.scale, base=plan.base, width=W)
+        top = scores.topk(min(R + E, W), dim=-1, sorted=True).indices          # [S, H, K] local ids
+        base = plan.base[:, None, None]
+        r_b = plan.retrieve[:, None, None]
+        ret = torch.where(torch.arange(R, device=dev) < r_b, top[..., :R] + base, -1)
+        k_x = torch.empty(S, H, rows, D, device=dev, dtype=self.dtype)
+        v_x = torch.empty_like(k_x)
+        log_w = torch.zeros(S, H, rows, device=dev, dtype=torch.float32)
+        if E:
+            # A slot's estimation zone is ranks r_b .. r_b + e_b - 1 of its top list.
+            j = torch.arange(E, device=dev)
+            ids = top.gather(2, (r_b + j).clamp(max=top.shape[-1] - 1).expand(S, H, E)) + base
+            sel = ids[..., None].expand(-1, -1, -1, D)
+            k_x[:, :, :E] = p.centroids[layer][None].expand(S, -1, -1, -1).gather(2, sel)
+            v_x[:, :, :E] = p.value_mean[layer][None].expand(S, -1, -1, -1).gather(2, sel)
+            log_size = p.log_size[layer][None].expand(S, -1, -1).gather(2, ids)
+            log_w[:, :, :E] = torch.where(j < plan.estimate[:, None, None], log_size, float("-inf"))
+        n_ret = gather_clusters_batched(p.keys[layer], p.values[layer], p.offsets[layer], ret, k_x, v_x, E)
+        return k_x, v_x, log_w, (n_ret + E).to(torch.int32)
 
-    def _index_update(self, layer, st: SeqState) -> None:
-        """The oldest `update_every` decoded tokens past the sink become one new segment."""
+    def finish_step(self, plan: WavePlan) -> None:
+        """Index maintenance after the step: the oldest `update_every` decoded tokens past the
+        sink become one new segment in every layer."""
         w = self.wave
         lo, hi = w.sink, w.sink + w.update_every
-        ks, vs = self.k_steady[layer][st.slot], self.v_steady[layer][st.slot]
-        new = build_index(ks[:, lo:hi].transpose(0, 1), vs[:, lo:hi].transpose(0, 1), w,
-                          clusters=w.update_clusters, segment=w.update_every)
-        st.index[layer] = st.index[layer].append(new) if layer in st.index else new
-        st.max_cluster = max(st.max_cluster, new.max_cluster)
-        keep = self.steady_cap - hi
-        ks[:, lo:lo + keep] = ks[:, hi:].clone()
-        vs[:, lo:lo + keep] = vs[:, hi:].clone()
-        if layer == self.layer_ids[-1]:
+        for st in plan.updates:
+            for layer in self.layer_ids:
+                ks, vs = self.pools.k_steady[layer][st.slot], self.pools.v_steady[layer][st.slot]
+                new = build_index(ks[:, lo:hi].transpose(0, 1), vs[:, lo:hi].transpose(0, 1), w,
+                                  clusters=w.update_clusters, segment=w.update_every)
+                self._add_segment(layer, st, new)
+                self.pools.shift_steady(layer, st.slot, lo, hi)
             st.steady -= w.update_every
 
+    def index_of(self, seq_id, layer: int) -> ClusterIndex:
+        """A sequence's index in one layer, as views of the pools (for inspection and benchmarks)."""
+        st, p = self.seqs[seq_id], self.pools
+        n, c = st.indexed, st.clusters
+        offsets = p.offsets[layer][:, st.cl0:st.cl0 + c + 1] - st.tok0
+        return ClusterIndex(
+            keys=p.keys[layer][:, st.tok0:st.tok0 + n], values=p.values[layer][:, st.tok0:st.tok0 + n],
+            offsets=offsets, centroids=p.centroids[layer][:, st.cl0:st.cl0 + c],
+            value_mean=p.value_mean[layer][:, st.cl0:st.cl0 + c], log_size=p.log_size[layer][:, st.cl0:st.cl0 + c],
+            max_cluster=int((offsets[:, 1:] - offsets[:, :-1]).max()) if c else 0)
+
+    # -- CUDA graphs --------------------------------------------------------------------------------
+    def graph_key(self, plan: WavePlan):
+        return plan.shape
+
+    def static_plan(self, batch: int, plan: WavePlan) -> WavePlan:
+        dev = self.device
+        return WavePlan([], torch.empty(batch, dtype=torch.long, device=dev),
+                        torch.empty(batch, dtype=torch.long, device=dev), plan.steady_len.clone(),
+                        plan.counts.clone(), plan.base.clone(), plan.retrieve.clone(), plan.estimate.clone(),
+                        plan.shape)
+
+    def load_static_plan(self, static: WavePlan, plan: WavePlan) -> None:
+        B = plan.slots.shape[0]
+        static.slots.fill_(self.pools.scratch)
+        static.slots[:B].copy_(plan.slots)
+        static.write_pos.zero_()
+        static.write_pos[:B].copy_(plan.write_pos)
+        for name in ("steady_len", "counts", "base", "retrieve", "estimate"):
+            getattr(static, name).copy_(getattr(plan, name))
+
     def stats(self):
-        clusters = sum(ix.num_clusters for st in self.seqs.values() for ix in st.index.values())
-        return {"capacity_bytes": self.capacity, "used_bytes": self.used, "sequences": len(self.seqs),
-                "wave_clusters": clusters}
+        p = self.pools
+        bpt = self.bytes_per_token
+        return {"capacity_bytes": p.tokens.capacity * bpt,
+                "used_bytes": (p.tokens.capacity - p.tokens.free_total) * bpt,
+                "sequences": len(self.seqs), "wave_clusters": sum(st.clusters for st in self.seqs.values())}

@@ -1,6 +1,7 @@
 """CUDA graphs of a stage's decode step. At batch 1 a decode step is ~1,500 small kernels whose
 launch costs more than the GPU work; a replayed graph launches them all at once. One graph per
-(batch bucket, block-table width bucket); padded rows attend one scratch page and are dropped."""
+(batch bucket, the backend's `graph_key`); padded rows read and write only the backend's scratch
+space and are dropped."""
 from __future__ import annotations
 
 import torch
@@ -11,11 +12,11 @@ def bucket(n: int) -> int:
 
 
 class _Graph:
-    def __init__(self, stage, batch: int, width: int, x_like: torch.Tensor):
+    def __init__(self, stage, batch: int, plan, x_like: torch.Tensor):
         dev = stage.device
         self.x = torch.zeros((batch,) + x_like.shape[1:], dtype=x_like.dtype, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.plan = stage.backend.static_plan(batch, width)
+        self.plan = stage.backend.static_plan(batch, plan)
         self.graph = torch.cuda.CUDAGraph()
         self.out: torch.Tensor | None = None
 
@@ -33,17 +34,17 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
 
     def run(self, plan, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        B, width = x.shape[0], plan.block_table.shape[1]
-        key = (bucket(B), bucket(width))
+        key = (bucket(x.shape[0]), self.stage.backend.graph_key(plan))
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = self._capture(key, plan, x, positions)
+            g = self.graphs[key] = self._capture(key[0], plan, x, positions)
+        B = x.shape[0]
         g.load(self.stage.backend, plan, x, positions)
         g.graph.replay()
         return g.out[:B].clone()
 
-    def _capture(self, key, plan, x, positions) -> _Graph:
-        g = _Graph(self.stage, *key, x)
+    def _capture(self, batch: int, plan, x, positions) -> _Graph:
+        g = _Graph(self.stage, batch, plan, x)
         g.load(self.stage.backend, plan, x, positions)
         body = lambda: self.stage.decode_body(g.x, g.positions, g.plan)  # noqa: E731
         side = torch.cuda.Stream(self.stage.device)

@@ -63,8 +63,11 @@ class Stage:
         plan = self.backend.plan_decode(seq_ids)
         x, positions = x.to(self.device), positions.to(self.device)
         if self.graphs is not None:
-            return self.graphs.run(plan, x, positions)
-        return self.decode_body(x, positions, plan)
+            out = self.graphs.run(plan, x, positions)
+        else:
+            out = self.decode_body(x, positions, plan)
+        self.backend.finish_step(plan)
+        return out
 
     def decode_body(self, x: torch.Tensor, positions: torch.Tensor, plan):
         """The step itself, free of host synchronisation when the backend's is (graph-capturable)."""

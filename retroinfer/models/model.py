@@ -69,11 +69,14 @@ class ModelShard:
             v_all = torch.empty_like(k_all)
             for s in range(0, T, chunk):
                 e = min(T, s + chunk)
+                xs = x[s:e]                                      # the residual stream, in place
                 cos, sin = self.rotary.cos_sin(positions[s:e], x.dtype)
-                q, k, v = layer.qkv(x[s:e], cos, sin)
+                h, _ = layer.input_norm(xs)
+                q, k, v = layer.qkv(h, cos, sin)
                 k_all[s:e], v_all[s:e] = k, v
                 o = causal_attention(q, k_all[:e], v_all[:e], q_start=s)
-                x[s:e] = layer.mlp(layer.attn_out(x[s:e], o))
+                h, _ = layer.post_attn_norm(o, xs, residual_out=xs)
+                xs += layer.mlp(h)
             backend.write_prefill(li, seq_id, k_all, v_all, start)
             if progress is not None:
                 progress(li)
@@ -81,9 +84,13 @@ class ModelShard:
 
     @torch.inference_mode()
     def decode(self, x: torch.Tensor, positions: torch.Tensor, backend, plan) -> torch.Tensor:
-        """One token for each of B sequences: x [B, H], positions [B]."""
+        """One token for each of B sequences: x [B, H], positions [B]. The residual stream is
+        carried through the layers (each MLP output is added by the next layer's input norm)."""
         cos, sin = self.rotary.cos_sin(positions.to(self.device), x.dtype)
+        residual = None
         for li, layer in zip(self.layer_ids, self.layers):
-            q, k, v = layer.qkv(x, cos, sin)
-            x = layer.mlp(layer.attn_out(x, backend.decode(li, plan, q, k, v)))
-        return x
+            h, residual = layer.input_norm(x, residual)
+            q, k, v = layer.qkv(h, cos, sin)
+            h, residual = layer.post_attn_norm(backend.decode(li, plan, q, k, v), residual)
+            x = layer.mlp(h)
+        return x if residual is None else x + residual

@@ -45,7 +45,7 @@ def _normalise(c: torch.Tensor) -> torch.Tensor:
 
 def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int,
                      clusters: int | None = None) -> torch.Tensor:
-    """x: [H, N, D] float32 centred keys. Segments of about `segment` rows are clustered
+    """x: [H, N, D] centred keys. Segments of about `segment` rows are clustered
     independently (spherical k-means, max inner product against unit centroids). Returns the unit
     centroids [H, C, D] of all segments together."""
     from ..kernels.kmeans import kmeans_assign, kmeans_update
@@ -65,7 +65,7 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
     for _ in range(iters):
         idx = kmeans_assign(xs, c, n_valid)
         sums, counts = kmeans_update(xs, idx, K)
-        c = torch.where(counts[..., None] > 0, _normalise(sums), c)
+        c = torch.where(counts[..., None] > 0, _normalise(sums), c.float()).to(x.dtype)
     return c.reshape(H, nseg * K, D)
 
 
@@ -76,9 +76,10 @@ def build_index(k: torch.Tensor, v: torch.Tensor, wave: WaveConfig, clusters: in
 
     kh, vh = k.transpose(0, 1), v.transpose(0, 1)              # [H, T, D] views
     kf = kh.float()
-    centred = (kf - kf.mean(dim=1, keepdim=True)).contiguous()
+    # Assignments run in the KV dtype: bf16 dots use the tensor cores, fp32 ones would not.
+    centred = (kf - kf.mean(dim=1, keepdim=True)).to(k.dtype).contiguous()
     unit = segmented_kmeans(centred, segment or wave.segment_size, wave.tokens_per_cluster,
-                            wave.kmeans_iters, clusters)
+                            wave.kmeans_iters, clusters).to(k.dtype)
     H, C = unit.shape[:2]
     assign = kmeans_assign(centred, unit)                       # global pass: [H, T]
     ksum, sizes = kmeans_update(kh.contiguous(), assign, C)

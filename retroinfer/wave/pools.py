@@ -1,0 +1,104 @@
+"""Storage of the wave index for every sequence of a backend, one set of tensors per layer:
+
+- steady zone: [slots + 1, Hkv, steady_cap, D] per slot (slot 0 is scratch for the padded rows
+  of a CUDA graph);
+- the cluster-sorted KV: one token pool [Hkv, tokens, D]; a sequence owns a contiguous range;
+- the meta-index: one cluster pool (centroids and value means [Hkv, clusters, D], log sizes,
+  absolute row offsets [Hkv, clusters + 1]); a sequence owns a contiguous range of clusters plus
+  one (its last cluster's end offset).
+
+The ranges are the same in every layer, so one allocator serves all of them. Batched kernels read
+the pools through per-slot bases: nothing is padded to the longest sequence."""
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from ..config import ModelConfig
+
+
+class RangeAllocator:
+    """First-fit allocator of contiguous ranges in [0, capacity), coalescing on free."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.free_ranges: list[tuple[int, int]] = [(0, capacity)] if capacity > 0 else []   # sorted
+        self.taken: dict[int, int] = {}
+
+    @property
+    def free_total(self) -> int:
+        return sum(n for _, n in self.free_ranges)
+
+    def alloc(self, n: int) -> int | None:
+        for i, (start, size) in enumerate(self.free_ranges):
+            if size >= n:
+                if size == n:
+                    del self.free_ranges[i]
+                else:
+                    self.free_ranges[i] = (start + n, size - n)
+                self.taken[start] = n
+                return start
+        return None
+
+    def release(self, start: int) -> None:
+        n = self.taken.pop(start)
+        i = bisect.bisect_left(self.free_ranges, (start, 0))
+        self.free_ranges.insert(i, (start, n))
+        # merge with the right, then the left neighbour
+        if i + 1 < len(self.free_ranges) and start + n == self.free_ranges[i + 1][0]:
+            self.free_ranges[i] = (start, n + self.free_ranges.pop(i + 1)[1])
+        if i > 0 and self.free_ranges[i - 1][0] + self.free_ranges[i - 1][1] == start:
+            s0, n0 = self.free_ranges.pop(i - 1)
+            self.free_ranges[i - 1] = (s0, n0 + self.free_ranges[i - 1][1])
+
+
+class WavePools:
+    def __init__(self, cfg: ModelConfig, layer_ids: range, device: torch.device, dtype: torch.dtype,
+                 max_seqs: int, steady_cap: int, tokens: int, clusters: int):
+        H, D = cfg.num_kv_heads, cfg.head_dim
+        self.slots, self.scratch = max_seqs + 1, 0
+        self.tokens, self.clusters = RangeAllocator(tokens), RangeAllocator(clusters)
+
+        def per_layer(shape, dt=dtype, fill=None):
+            return {li: (torch.zeros(shape, device=device, dtype=dt) if fill is None
+                         else torch.full(shape, fill, device=device, dtype=dt)) for li in layer_ids}
+
+        self.k_steady = per_layer((self.slots, H, steady_cap, D))
+        self.v_steady = per_layer((self.slots, H, steady_cap, D))
+        self.keys = per_layer((H, tokens, D))
+        self.values = per_layer((H, tokens, D))
+        self.centroids = per_layer((H, clusters, D))
+        self.value_mean = per_layer((H, clusters, D))
+        self.log_size = per_layer((H, clusters), torch.float32, float("-inf"))
+        self.offsets = per_layer((H, clusters + 1), torch.int32)
+
+    @staticmethod
+    def bytes_needed(cfg: ModelConfig, layers: int, dtype: torch.dtype, max_seqs: int, steady_cap: int,
+                     tokens: int, clusters: int) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        row = cfg.num_kv_heads * cfg.head_dim * elem
+        per_layer = (2 * (max_seqs + 1) * steady_cap + 2 * tokens + 2 * clusters) * row \
+            + cfg.num_kv_heads * clusters * 8
+        return layers * per_layer
+
+    def write_steady(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [Hkv, n, D]."""
+        n = k.shape[1]
+        self.k_steady[layer][slot, :, start:start + n] = k
+        self.v_steady[layer][slot, :, start:start + n] = v
+
+    def shift_steady(self, layer: int, slot: int, lo: int, hi: int) -> None:
+        """Drop rows [lo, hi) of a slot's steady zone, moving the rows after them down."""
+        for t in (self.k_steady[layer], self.v_steady[layer]):
+            t[slot, :, lo:lo + t.shape[2] - hi] = t[slot, :, hi:].clone()
+
+    def write_index(self, layer: int, tok0: int, cl0: int, ix) -> None:
+        """Store a ClusterIndex at token row tok0 and cluster cl0 of the pools."""
+        N, C = ix.num_tokens, ix.num_clusters
+        self.keys[layer][:, tok0:tok0 + N] = ix.keys
+        self.values[layer][:, tok0:tok0 + N] = ix.values
+        self.centroids[layer][:, cl0:cl0 + C] = ix.centroids
+        self.value_mean[layer][:, cl0:cl0 + C] = ix.value_mean
+        self.log_size[layer][:, cl0:cl0 + C] = ix.log_size
+        self.offsets[layer][:, cl0:cl0 + C + 1] = ix.offsets + tok0
