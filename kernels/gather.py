@@ -152,15 +152,21 @@ def gather_clusters_batched(src_k: torch.Tensor, src_v: torch.Tensor, offsets: t
     src_k, src_v: [Hkv, N, D] (a pool holding every row's clusters); offsets: [Hkv, C+1] int32
     (absolute rows in the pool); cluster_ids: [B, Hkv, R] int64 (absolute cluster ids, -1 =
     nothing); dst_k, dst_v: [B, Hkv, Lmax, D] contiguous. Returns lengths [B, Hkv] int32.
+    The pool may be pinned host memory while dst is on the GPU: the kernel then reads it over
+    PCIe itself (zero-copy through unified addressing), only the selected rows.
     """
     B, Hkv, R = cluster_ids.shape
     D, Lmax = src_k.shape[2], dst_k.shape[2]
     assert dst_k.shape == (B, Hkv, Lmax, D) and dst_k.is_contiguous() and dst_v.is_contiguous()
-    if not use_triton(src_k, src_v, dst_k, dst_v):
+    zero_copy = dst_k.is_cuda and not src_k.is_cuda
+    if zero_copy:
+        assert src_k.is_pinned() and src_v.is_pinned(), "a host pool must be pinned for zero-copy reads"
+    elif not use_triton(src_k, src_v, dst_k, dst_v):
         return torch.stack([gather_clusters_ref(src_k, src_v, offsets, cluster_ids[b], dst_k[b], dst_v[b],
                                                 dst_start) for b in range(B)]) if B else \
             torch.zeros(0, Hkv, dtype=torch.int32, device=dst_k.device)
-    _check(src_k, src_v, offsets, cluster_ids[0], dst_k[0], dst_v[0], dst_start)
+    if not zero_copy:
+        _check(src_k, src_v, offsets, cluster_ids[0], dst_k[0], dst_v[0], dst_start)
     rows = B * Hkv
     lengths = torch.zeros(rows, dtype=torch.int32, device=dst_k.device)
     if rows * R == 0:

@@ -21,6 +21,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--kv-budget-gb", type=float, help="KV cache budget per device")
     p.add_argument("--prefill-chunk", type=int)
+    p.add_argument("--offload", action="store_true", default=None,
+                   help="wave: keep the indexed KV in pinned host memory (the wave buffer)")
+    p.add_argument("--host-kv-gb", type=float, help="offload: host KV pool per stage")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="run the decode step eagerly")
     g = p.add_argument_group("wave index (attention=wave)")
@@ -36,7 +39,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
         model=a.model, attention=a.attention, dtype=a.dtype, device=a.device,
         devices=tuple(a.devices.split(",")) if a.devices else None, max_batch=a.max_batch,
         max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk, cuda_graphs=a.cuda_graphs,
-        kv_budget_bytes=int(a.kv_budget_gb * 2**30) if a.kv_budget_gb else None, wave=wave)
+        kv_budget_bytes=int(a.kv_budget_gb * 2**30) if a.kv_budget_gb else None, wave=wave,
+        offload=a.offload, host_kv_budget_bytes=int(a.host_kv_gb * 2**30) if a.host_kv_gb else None)
 
 
 def _progress_bar(total_tokens: int):

@@ -163,6 +163,8 @@ class EngineConfig:
     max_batch: int = 16                  # decode batch
     max_model_len: int | None = None     # default: the model's max_position_embeddings
     kv_budget_bytes: int | None = None   # default: what the device can hold
+    offload: bool = False                # wave: cluster-sorted KV in pinned host memory (wave buffer)
+    host_kv_budget_bytes: int | None = None   # offload: host pool per stage (default: half the free RAM)
     prefill_chunk: int = 16384           # tokens per MLP / projection chunk in prefill
     cuda_graphs: bool = True             # replay the decode step as a CUDA graph where the backend allows
     seed: int = 0
@@ -174,6 +176,8 @@ class EngineConfig:
             raise ConfigError("max_batch and prefill_chunk must be >= 1")
         if self.dtype is not None:
             parse_dtype(self.dtype)
+        if self.offload and self.attention != "wave":
+            raise ConfigError("offload keeps the wave index's KV in host memory: it needs attention 'wave'")
 
     def with_overrides(self, **kw) -> "EngineConfig":
         names = {f.name for f in fields(self)}

@@ -68,3 +68,14 @@ def test_wave_default_budget_runs_bf16():
     prompt = torch.randint(0, 128000, (32768,), generator=torch.Generator().manual_seed(2)).tolist()
     out = _generate(cfg, prompt, 16)
     assert len(out) == 16
+
+
+def test_offload_equals_gpu_resident_wave():
+    """The wave buffer's host pool (zero-copy gathers) gives the GPU-resident index's tokens."""
+    wave = WaveConfig(segment_size=1024, update_every=256, update_clusters=16)
+    base = EngineConfig(model="random:llama3-8b", dtype="bfloat16", device="cuda", attention="wave",
+                        max_model_len=8192, wave=wave, max_batch=4)
+    prompt = torch.randint(0, 128000, (6000,), generator=torch.Generator().manual_seed(3)).tolist()
+    resident = _generate(base, prompt, 300)
+    offload = _generate(base.with_overrides(offload=True, host_kv_budget_bytes=8 << 30), prompt, 300)
+    assert offload == resident

@@ -66,11 +66,15 @@ class AttentionBackend(ABC):
 
 
 def make_backend(name: str, cfg: ModelConfig, layer_ids: range, device, dtype,
-                 kv_budget_bytes: int, wave: WaveConfig | None = None, max_seqs: int = 16) -> AttentionBackend:
+                 kv_budget_bytes: int, wave: WaveConfig | None = None, max_seqs: int = 16,
+                 host_kv_budget_bytes: int | None = None) -> AttentionBackend:
     if name == "full":
+        if host_kv_budget_bytes is not None:
+            raise ValueError("KV offload to host memory needs attention 'wave'")
         from .full import FullAttention
         return FullAttention(cfg, layer_ids, device, dtype, kv_budget_bytes)
     if name == "wave":
         from .wave import WaveAttention
-        return WaveAttention(cfg, layer_ids, device, dtype, kv_budget_bytes, wave or WaveConfig(), max_seqs)
+        return WaveAttention(cfg, layer_ids, device, dtype, kv_budget_bytes, wave or WaveConfig(), max_seqs,
+                             host_kv_budget_bytes)
     raise ValueError(f"unknown attention backend {name!r}")

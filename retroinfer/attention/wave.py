@@ -54,7 +54,10 @@ def _round_up(n: int, m: int) -> int:
 
 class WaveAttention(AttentionBackend):
     def __init__(self, cfg, layer_ids, device, dtype, kv_budget_bytes: int, wave: WaveConfig,
-                 max_seqs: int = 16):
+                 max_seqs: int = 16, host_kv_budget_bytes: int | None = None):
+        """`host_kv_budget_bytes` set: the cluster-sorted KV lives in pinned host memory of that
+        size (the wave buffer's CPU pool) and the GPU budget holds the steady zones and the
+        meta-index; else everything is on the GPU."""
         super().__init__(cfg, layer_ids, device, dtype)
         self.wave = wave
         self.steady_cap = wave.sink + wave.window + wave.update_every
@@ -63,12 +66,22 @@ class WaveAttention(AttentionBackend):
         self.cluster_ratio = max(1 / wave.tokens_per_cluster, wave.update_clusters / wave.update_every) \
             + 1 / wave.segment_size
         steady = WavePools.bytes_needed(cfg, len(layer_ids), dtype, max_seqs, self.steady_cap, 0, 0)
-        tokens = int((kv_budget_bytes - steady) / (self.bytes_per_token * (1 + self.cluster_ratio)))
+        gpu_free = kv_budget_bytes - steady
+        if host_kv_budget_bytes is None:
+            tokens = int(gpu_free / (self.bytes_per_token * (1 + self.cluster_ratio)))
+        else:
+            tokens = min(host_kv_budget_bytes // self.bytes_per_token,
+                         int(gpu_free / (self.bytes_per_token * self.cluster_ratio)))
         if tokens < wave.update_every:
-            raise ValueError(f"KV budget of {kv_budget_bytes / 2**20:.1f} MiB leaves no room for the wave "
-                             f"index after the steady zones of {max_seqs} sequences")
+            raise ValueError(f"KV budget of {kv_budget_bytes / 2**20:.1f} MiB (GPU) / "
+                             f"{(host_kv_budget_bytes or 0) / 2**20:.1f} MiB (host) leaves no room for the "
+                             f"wave index after the steady zones of {max_seqs} sequences")
         clusters = int(tokens * self.cluster_ratio) + 4 * max_seqs
-        self.pools = WavePools(cfg, layer_ids, self.device, dtype, max_seqs, self.steady_cap, tokens, clusters)
+        self.offload = host_kv_budget_bytes is not None
+        self.pools = WavePools(cfg, layer_ids, self.device, dtype, max_seqs, self.steady_cap, tokens, clusters,
+                               host_tokens=self.offload)
+        self.gathered_rows = torch.zeros((), dtype=torch.long, device=self.device)   # rows over PCIe
+        self.steps = 0
         self.free_slots = list(range(max_seqs, 0, -1))      # slot 0: scratch (pools.scratch)
         self.seqs: dict[Hashable, SeqState] = {}
         self.max_cluster = 0           # over all sequences and layers: sizes the gather buffer
@@ -151,6 +164,8 @@ class WaveAttention(AttentionBackend):
             updates=[st for st in states if st.steady + 1 == self.steady_cap])
         for st in states:
             st.steady += 1
+        self.pools.ready()
+        self.steps += 1
         return plan
 
     def decode(self, layer, plan: WavePlan, q, k, v):
@@ -199,6 +214,8 @@ class WaveAttention(AttentionBackend):
             log_size = p.log_size[layer][None].expand(S, -1, -1).gather(2, ids)
             log_w[:, :, :E] = torch.where(j < plan.estimate[:, None, None], log_size, float("-inf"))
         n_ret = gather_clusters_batched(p.keys[layer], p.values[layer], p.offsets[layer], ret, k_x, v_x, E)
+        if self.offload:
+            self.gathered_rows += n_ret.sum()
         return k_x, v_x, log_w, (n_ret + E).to(torch.int32)
 
     def finish_step(self, plan: WavePlan) -> None:
@@ -249,6 +266,13 @@ class WaveAttention(AttentionBackend):
     def stats(self):
         p = self.pools
         bpt = self.bytes_per_token
-        return {"capacity_bytes": p.tokens.capacity * bpt,
-                "used_bytes": (p.tokens.capacity - p.tokens.free_total) * bpt,
-                "sequences": len(self.seqs), "wave_clusters": sum(st.clusters for st in self.seqs.values())}
+        out = {"capacity_bytes": p.tokens.capacity * bpt,
+               "used_bytes": (p.tokens.capacity - p.tokens.free_total) * bpt,
+               "sequences": len(self.seqs), "wave_clusters": sum(st.clusters for st in self.seqs.values()),
+               "kv_footprint_bytes": {s: st.tokens * bpt for s, st in self.seqs.items()}}
+        if self.offload:
+            row = 2 * self.cfg.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+            total = int(self.gathered_rows) * row
+            out.update(pcie_bytes_total=total, pcie_bytes_per_step=total / max(1, self.steps),
+                       host_pool_bytes=p.tokens.capacity * bpt)
+        return out

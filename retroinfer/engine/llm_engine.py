@@ -187,6 +187,24 @@ class LLMEngine:
             self._finish(seq, reason)
         return seq.output([tok], text)
 
+    def add_prefilled(self, request_id: str, prompt_len: int, params: SamplingParams, kv_source,
+                      first_token: int = 0) -> None:
+        """Benchmarks: a sequence whose prompt KV is synthesised straight into the cache
+        (`kv_source(layer, prompt_len) -> (k, v)`, each [T, Hkv, D] on the stage's device), as if
+        prefilled, then decoding from `first_token`. Skips the hours a real 1M-token prefill of
+        every benchmark sequence would take; the decode step is the real one."""
+        seq = Sequence(request_id, [0] * prompt_len, params, IncrementalDetokenizer(self.tokenizer))
+        self.validate(seq.prompt_ids, params)
+        self.executor.reserve(request_id, seq.footprint_tokens)
+        for st in self.executor.stages:
+            for layer in st.backend.layer_ids:
+                k, v = kv_source(layer, prompt_len)
+                st.backend.write_prefill(layer, request_id, k, v, 0)
+        seq.phase, seq.generator = Phase.DECODE, self.sampler.generator(params.seed)
+        seq.output_ids.append(first_token)
+        self.seqs[request_id] = seq
+        self.running.append(seq)
+
     # -- convenience for the CLI and tests ------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "0"):
         """Runs one request to completion alone, yielding its outputs as they come."""

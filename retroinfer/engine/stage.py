@@ -18,6 +18,17 @@ def default_kv_budget(device: torch.device, reserve_bytes: int) -> int:
     return 2 << 30
 
 
+def default_host_budget() -> int:
+    """Half of the host memory available now."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 8 << 30
+
+
 class Stage:
     def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, layer_ids: range, device: str):
         self.cfg, self.model_cfg = cfg, model_cfg
@@ -30,8 +41,11 @@ class Stage:
         headroom = max_len * (model_cfg.hidden_size + 2 * model_cfg.num_kv_heads * model_cfg.head_dim) * elem
         headroom += cfg.prefill_chunk * (3 * model_cfg.hidden_size + 2 * model_cfg.intermediate_size) * elem * 2
         budget = cfg.kv_budget_bytes or default_kv_budget(self.device, headroom)
+        host_budget = None
+        if cfg.offload:
+            host_budget = cfg.host_kv_budget_bytes or default_host_budget()
         self.backend = make_backend(cfg.attention, model_cfg, layer_ids, self.device, self.dtype,
-                                    budget, cfg.wave, cfg.max_batch)
+                                    budget, cfg.wave, cfg.max_batch, host_budget)
         self.graphs = None
         if cfg.cuda_graphs and self.device.type == "cuda" and hasattr(self.backend, "static_plan"):
             from .cuda_graph import DecodeGraphs

@@ -2,7 +2,9 @@
 
 - steady zone: [slots + 1, Hkv, steady_cap, D] per slot (slot 0 is scratch for the padded rows
   of a CUDA graph);
-- the cluster-sorted KV: one token pool [Hkv, tokens, D]; a sequence owns a contiguous range;
+- the cluster-sorted KV: one token pool [Hkv, tokens, D]; a sequence owns a contiguous range.
+  On the GPU (GPU-resident index), or in pinned host memory (the wave buffer's CPU pool, read by
+  the zero-copy gather);
 - the meta-index: one cluster pool (centroids and value means [Hkv, clusters, D], log sizes,
   absolute row offsets [Hkv, clusters + 1]); a sequence owns a contiguous range of clusters plus
   one (its last cluster's end offset).
@@ -55,8 +57,9 @@ class RangeAllocator:
 
 class WavePools:
     def __init__(self, cfg: ModelConfig, layer_ids: range, device: torch.device, dtype: torch.dtype,
-                 max_seqs: int, steady_cap: int, tokens: int, clusters: int):
+                 max_seqs: int, steady_cap: int, tokens: int, clusters: int, host_tokens: bool = False):
         H, D = cfg.num_kv_heads, cfg.head_dim
+        self.host_tokens = host_tokens
         self.slots, self.scratch = max_seqs + 1, 0
         self.tokens, self.clusters = RangeAllocator(tokens), RangeAllocator(clusters)
 
@@ -66,8 +69,18 @@ class WavePools:
 
         self.k_steady = per_layer((self.slots, H, steady_cap, D))
         self.v_steady = per_layer((self.slots, H, steady_cap, D))
-        self.keys = per_layer((H, tokens, D))
-        self.values = per_layer((H, tokens, D))
+        if host_tokens:   # the wave buffer's CPU pool: pinned, on the GPU's NUMA node
+            from .host_memory import pinned_empty
+            pin = device.type == "cuda"
+            alloc = (lambda: pinned_empty((H, tokens, D), dtype, device)) if pin else \
+                (lambda: torch.empty((H, tokens, D), dtype=dtype))
+            self.keys = {li: alloc() for li in layer_ids}
+            self.values = {li: alloc() for li in layer_ids}
+            self.copy_stream = torch.cuda.Stream(device) if pin else None
+        else:
+            self.keys = per_layer((H, tokens, D))
+            self.values = per_layer((H, tokens, D))
+            self.copy_stream = None
         self.centroids = per_layer((H, clusters, D))
         self.value_mean = per_layer((H, clusters, D))
         self.log_size = per_layer((H, clusters), torch.float32, float("-inf"))
@@ -81,6 +94,11 @@ class WavePools:
         per_layer = (2 * (max_seqs + 1) * steady_cap + 2 * tokens + 2 * clusters) * row \
             + cfg.num_kv_heads * clusters * 8
         return layers * per_layer
+
+    def ready(self) -> None:
+        """Decode reads the host pool only after every offload copy has landed."""
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
 
     def write_steady(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [Hkv, n, D]."""
@@ -96,8 +114,18 @@ class WavePools:
     def write_index(self, layer: int, tok0: int, cl0: int, ix) -> None:
         """Store a ClusterIndex at token row tok0 and cluster cl0 of the pools."""
         N, C = ix.num_tokens, ix.num_clusters
-        self.keys[layer][:, tok0:tok0 + N] = ix.keys
-        self.values[layer][:, tok0:tok0 + N] = ix.values
+        if self.copy_stream is not None:
+            # Offload while the next layer computes; the side stream keeps ix alive until done.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(ix.keys.device))
+            with torch.cuda.stream(self.copy_stream):
+                for h in range(ix.keys.shape[0]):
+                    self.keys[layer][h, tok0:tok0 + N].copy_(ix.keys[h], non_blocking=True)
+                    self.values[layer][h, tok0:tok0 + N].copy_(ix.values[h], non_blocking=True)
+            ix.keys.record_stream(self.copy_stream)
+            ix.values.record_stream(self.copy_stream)
+        else:
+            self.keys[layer][:, tok0:tok0 + N] = ix.keys
+            self.values[layer][:, tok0:tok0 + N] = ix.values
         self.centroids[layer][:, cl0:cl0 + C] = ix.centroids
         self.value_mean[layer][:, cl0:cl0 + C] = ix.value_mean
         self.log_size[layer][:, cl0:cl0 + C] = ix.log_size
