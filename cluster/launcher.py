@@ -157,7 +157,8 @@ def up(plans: list[NodePlan], *, host: str | None, port: int, state_file: Path |
     log_dir = state_file.parent / "logs"
     log_dir.mkdir(exist_ok=True)
     host = host or node_ip()
-    state = {"address": f"{host}:{port}", "started": time.time(), "nodes": []}
+    temp_dir = next((p.argv[p.argv.index("--temp-dir") + 1] for p in plans if "--temp-dir" in p.argv), None)
+    state = {"address": f"{host}:{port}", "temp_dir": temp_dir, "started": time.time(), "nodes": []}
     try:
         for p in plans:
             log = log_dir / f"numa{p.numa}.log"
@@ -202,7 +203,8 @@ def down(state_file: Path | None = None, timeout: float = 30.0) -> list[int]:
     state_file = state_file or default_state_file()
     if not state_file.exists():
         return []
-    nodes = json.loads(state_file.read_text()).get("nodes", [])
+    state = json.loads(state_file.read_text())
+    nodes = state.get("nodes", [])
     pids = [n["pid"] for n in reversed(nodes)]
     for pid in pids:
         if _alive(pid):
@@ -215,8 +217,21 @@ def down(state_file: Path | None = None, timeout: float = 30.0) -> list[int]:
             os.killpg(pid, signal.SIGKILL)   # its session: start_new_session made pid the group id
         except (ProcessLookupError, PermissionError):
             pass
+    _forget_address(state.get("address"), state.get("temp_dir"))
     state_file.unlink(missing_ok=True)
     return pids
+
+
+def _forget_address(address: str | None, temp_dir: str | None) -> None:
+    """The head leaves its address in <temp_dir>/ray_current_cluster, where a bare `ray.init()`
+    would find it and try to join a dead cluster; `ray stop` clears it, and so must `down`."""
+    from ray._common.utils import get_ray_address_file
+    f = Path(get_ray_address_file(temp_dir))
+    try:
+        if address and f.read_text().strip() == address:
+            f.unlink()
+    except OSError:
+        pass
 
 
 def _report() -> dict:

@@ -145,8 +145,8 @@ class RayPipelineExecutor:
             raise KVCapacityError(failed[0][0], ever=all(ever for _, ever in failed))
 
     def free(self, seq_id: Hashable) -> None:
-        for st in self.stages:      # ordered before any later call on the same stage
-            st.free.remote(seq_id)
+        # Waited for, so the stats that follow (routing, metrics) see the KV returned.
+        ray.get([st.free.remote(seq_id) for st in self.stages])
 
     def prefill(self, seq_id: Hashable, ids: torch.Tensor, progress: Callable[[int], None] | None = None):
         x = ids

@@ -13,6 +13,7 @@ from ..models.model import ModelShard
 
 def default_kv_budget(device: torch.device, reserve_bytes: int) -> int:
     if device.type == "cuda":
+        torch.cuda.empty_cache()           # blocks cached by the weight load count as free
         free, _ = torch.cuda.mem_get_info(device)
         return max(0, int(free * 0.9) - reserve_bytes)
     return 2 << 30

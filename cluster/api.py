@@ -1,0 +1,256 @@
+"""The HTTP ingress: OpenAI-compatible completions and chat (SSE streaming or whole), jobs for long
+contexts, models, health, and the replicas' KV state.
+
+A request is tokenised and checked here (`frontend.py`), then sent to the engine deployment with its
+KV footprint, which the router (`router.py`) places. The replica answers accepted or rejected
+first: a rejection for lack of room is retried on the other replicas, then returned as 429 with
+Retry-After; a request larger than any replica can hold is a 400 (decided here from the replicas'
+reported capacity when known, else by the replica). Responses carry `x-retroinfer-replica`.
+If the client disconnects, Serve cancels this handler; the engine call is cancelled with it and
+the replica aborts the request, freeing its KV.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import asdict
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from . import protocol as P
+from .frontend import Frontend, Prepared
+from .jobs import JobStore
+from .routing import replica_stats
+
+log = logging.getLogger("ray.serve")
+app = FastAPI(title="RetroInfer", description="Long-context LLM serving (KV cache as a vector store)")
+
+
+@app.exception_handler(P.APIError)
+async def _api_error(request: Request, e: P.APIError):
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    errs = e.errors()
+    first = errs[0] if errs else {"loc": (), "msg": "invalid request body"}
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    msg = str(first.get("msg", "invalid request body")).removeprefix("Value error, ")
+    return JSONResponse(P.APIError(400, f"{loc}: {msg}" if loc else msg, code="invalid_request",
+                                   param=loc or None).body(), status_code=400)
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception):
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    return JSONResponse(P.APIError(500, "internal server error", code="internal_error").body(), status_code=500)
+
+
+class EngineStream:
+    """The engine messages of one accepted request; cancels the engine call unless it finished."""
+
+    def __init__(self, gen, pending: list[dict]):
+        self.gen, self.pending, self.finished = gen, pending, False
+
+    def __aiter__(self):
+        return self._iter()
+
+    async def _iter(self):
+        try:
+            for m in self.pending:
+                self.finished |= m["type"] == "output" and m["finished"]
+                yield m
+            async for batch in self.gen:
+                for m in batch:
+                    self.finished |= m["type"] == "output" and m["finished"]
+                    yield m
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.gen.cancel()
+
+
+def _sse(obj) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, engine, opts: dict):
+        self.engine = engine
+        self.front = Frontend(opts["model"], opts.get("served_model_name"), opts.get("dtype"),
+                              opts.get("max_model_len"), opts.get("default_max_tokens", 256))
+        self.retry_after_s = float(opts.get("retry_after_s", 1.0))
+        self.engine_name = opts.get("engine_deployment", "LLMReplica")
+        self.jobs = JobStore(self.open_stream, opts.get("job_ttl_s", 3600.0))
+        try:
+            self.app_name = serve.get_replica_context().replica_id.deployment_id.app_name
+        except Exception:
+            self.app_name = ""
+
+    # -- talking to the engine deployment ---------------------------------------------------------
+    def replicas(self) -> list[dict]:
+        return replica_stats(self.app_name, self.engine_name) or []
+
+    async def open_stream(self, prep: Prepared) -> tuple[EngineStream, str]:
+        known = [r for r in self.replicas() if "capacity_bytes" in r]
+        if known and prep.kv_bytes > max(r["capacity_bytes"] for r in known):
+            cap = max(r["capacity_bytes"] for r in known)
+            raise P.APIError(400, f"the request needs {prep.kv_bytes} bytes of KV cache "
+                             f"({prep.prompt_tokens} prompt + {prep.params.max_tokens} max_tokens tokens); the "
+                             f"largest replica holds {cap} bytes ({cap // self.front.bytes_per_token} tokens)",
+                             code="kv_capacity_exceeded")
+        exclude, last = [], None
+        for _ in range(max(1, len(known))):
+            gen = self.engine.options(stream=True).generate.remote(
+                prep.request_id, prep.prompt_ids, asdict(prep.params), kv_bytes=prep.kv_bytes, exclude=exclude)
+            try:
+                first = await gen.__anext__()
+            except BackPressureError:
+                raise P.APIError(429, "the server's request queue is full; retry later", code="queue_full",
+                                 retry_after_s=self.retry_after_s) from None
+            except StopAsyncIteration:
+                raise P.APIError(500, "the engine closed the request", code="internal_error") from None
+            head = first[0]
+            if head["type"] == "accepted":
+                return EngineStream(gen, first[1:]), head["replica"]
+            if head["status"] != 429:
+                raise P.APIError(head["status"], head["message"], code=head["code"])
+            exclude.append(head["replica"])
+            last = head
+        raise P.APIError(429, f"no replica has room for this request now: {last['message']}",
+                         code="kv_cache_full", retry_after_s=last["retry_after_s"])
+
+    async def _run(self, prep: Prepared, stream: bool, render):
+        """render(kind, text, finish_reason, usage) -> body dict; kind: "first" | "delta" | "final"."""
+        es, replica = await self.open_stream(prep)
+        headers = {"x-retroinfer-replica": replica, "x-request-id": prep.request_id}
+        if stream:
+            return StreamingResponse(self._sse_body(es, prep, render), media_type="text/event-stream",
+                                     headers=headers)
+        parts, last = [], None
+        try:
+            async for m in es:
+                if m["type"] == "output":
+                    parts.append(m["text"])
+                    last = m
+        finally:
+            es.cancel()
+        if last is None or last["error"] or last["finish_reason"] in ("error", "abort"):
+            raise self._engine_error(last, produced=bool(last and last["completion_tokens"]))
+        return JSONResponse(render("final", "".join(parts), last["finish_reason"],
+                                   P.usage(prep.prompt_tokens, last["completion_tokens"])), headers=headers)
+
+    @staticmethod
+    def _engine_error(last: dict | None, produced: bool) -> P.APIError:
+        msg = (last or {}).get("error") or "the request was aborted"
+        if not produced and "KV cache cannot hold" in msg:
+            return P.APIError(400, msg, code="kv_capacity_exceeded")
+        return P.APIError(500, msg, code="engine_error")
+
+    async def _sse_body(self, es: EngineStream, prep: Prepared, render):
+        try:
+            first = render("first", "", None, None)
+            if first is not None:
+                yield _sse(first)
+            async for m in es:
+                if m["type"] != "output":
+                    continue
+                if m["error"] or m["finish_reason"] in ("error", "abort"):
+                    err = self._engine_error(m, produced=bool(m["completion_tokens"]))
+                    yield _sse(err.body())
+                    break
+                if m["text"] or m["finished"]:
+                    yield _sse(render("delta", m["text"], m["finish_reason"] if m["finished"] else None, None))
+                if m["finished"]:
+                    use = P.usage(prep.prompt_tokens, m["completion_tokens"])
+                    tail = render("usage", "", None, use)
+                    if tail is not None:
+                        yield _sse(tail)
+            yield _sse("[DONE]")
+        finally:
+            es.cancel()
+
+    # -- OpenAI-compatible routes ---------------------------------------------------------------
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok", "model": self.front.model_name}
+
+    @app.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.front.model_name, "object": "model", "created": 0,
+                                            "owned_by": "retroinfer", "max_model_len": self.front.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(self, body: P.CompletionRequest):
+        prep = self.front.completion(body)
+        name, usage_on = self.front.model_name, bool(body.stream_options and body.stream_options.include_usage)
+
+        def render(kind, text, finish, use):
+            if kind == "first":
+                return None
+            if kind == "usage":
+                return P.usage_chunk(prep.request_id, name, "text_completion", use) if usage_on else None
+            return P.completion_body(prep.request_id, name, text, finish, use, chunk=kind == "delta")
+        return await self._run(prep, body.stream, render)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: P.ChatCompletionRequest):
+        prep = self.front.chat(body)
+        name, usage_on = self.front.model_name, bool(body.stream_options and body.stream_options.include_usage)
+
+        def render(kind, text, finish, use):
+            if kind == "first":
+                return P.chat_chunk(prep.request_id, name, {"role": "assistant", "content": ""}, None)
+            if kind == "usage":
+                return P.usage_chunk(prep.request_id, name, "chat.completion.chunk", use) if usage_on else None
+            if kind == "delta":
+                return P.chat_chunk(prep.request_id, name, {"content": text} if text else {}, finish)
+            return P.chat_body(prep.request_id, name, text, finish, use)
+        return await self._run(prep, body.stream, render)
+
+    # -- jobs ----------------------------------------------------------------------------------
+    @app.post("/v1/jobs")
+    async def submit_job(self, body: P.JobRequest):
+        job = self.jobs.submit(self.front.job(body))
+        return JSONResponse(job.view(), status_code=202)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(self, job_id: str):
+        return self.jobs.get(job_id).view()
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(self, job_id: str):
+        return (await self.jobs.cancel(job_id)).view()
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(self, job_id: str):
+        self.jobs.get(job_id)    # 404 before the stream starts
+
+        async def body():
+            async for ev in self.jobs.events(job_id):
+                yield f"event: {ev['type']}\n{_sse(ev)}"
+            yield _sse("[DONE]")
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    # -- cluster state -------------------------------------------------------------------------------
+    @app.get("/v1/cluster")
+    async def cluster(self, detail: bool = False):
+        """The engine replicas' latest KV reports; `detail=true` asks each replica directly."""
+        reps = self.replicas()
+        if not reps:   # no call routed yet from this process: one call creates the router
+            await asyncio.wait_for(self.engine.ping.remote(), 30)
+            reps = self.replicas()
+        if detail:
+            reps = await asyncio.gather(*[asyncio.wait_for(self.engine.info.remote(target=r["replica"]), 30)
+                                          for r in reps])
+        return {"model": self.front.model_name, "bytes_per_token": self.front.bytes_per_token, "replicas": reps}

@@ -1,0 +1,187 @@
+"""The engine on its own thread, for an asyncio server.
+
+`EngineLoop` runs `LLMEngine.step()` while there is work and sleeps on an Event otherwise. A
+request is admitted by `submit`, which checks its KV footprint against the replica's capacity and
+the footprints of requests already admitted (the replica knows these exactly, the router only
+approximately) and returns an asyncio.Queue that receives the request's messages:
+
+  {"type": "progress", "layers_done", "num_layers"}       prefill progress
+  {"type": "output", "token_ids", "text", "finished", "finish_reason", "error",
+   "prompt_tokens", "completion_tokens"}                   one engine step's worth
+
+Delivery crosses threads with `loop.call_soon_threadsafe`. `abort` is thread-safe; the engine frees
+the request's KV at its next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import asdict
+
+from retroinfer.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    """The replica will not take the request: `status` 429 (no room now) or 400 (never fits)."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def to_message(self, retry_after_s: float) -> dict:
+        return {"type": "rejected", "status": self.status, "code": self.code, "message": self.message,
+                "retry_after_s": retry_after_s}
+
+
+class EngineLoop:
+    def __init__(self, engine, *, on_step=None, stats_interval_s: float = 0.25, max_step_failures: int = 3):
+        self.engine = engine
+        self.engine.on_prefill_progress = self._on_progress
+        self.on_step = on_step                      # callback(stats) on the loop thread (metrics)
+        self.stats_interval_s = stats_interval_s
+        self.max_step_failures = max_step_failures
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._footprint: dict[str, int] = {}        # admitted request -> KV bytes
+        self._outstanding = 0                        # their sum
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._failures = 0
+        self.stats = self._engine_stats()
+        self.capacity_bytes = int(self.stats["capacity_bytes"])
+        self._stats_at = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name="retroinfer-engine", daemon=True)
+        self.thread.start()
+
+    # -- called from the server's event loop ---------------------------------------------------
+    @property
+    def outstanding_bytes(self) -> int:
+        return self._outstanding
+
+    @property
+    def healthy(self) -> bool:
+        return self.thread.is_alive() and self._failures < self.max_step_failures
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, kv_bytes: int) -> asyncio.Queue:
+        """Admit the request or raise `Rejected`. Must run on the event loop that reads the queue."""
+        if kv_bytes > self.capacity_bytes:
+            raise Rejected(400, "kv_capacity_exceeded",
+                           f"the request needs {kv_bytes} bytes of KV cache; a replica holds at most "
+                           f"{self.capacity_bytes}")
+        try:
+            self.engine.validate(prompt_ids, params)
+        except ValueError as e:
+            raise Rejected(400, "invalid_request", str(e)) from None
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise Rejected(400, "invalid_request", f"request id {request_id!r} is already in use")
+            free = self.capacity_bytes - self._outstanding
+            if kv_bytes > free:
+                raise Rejected(429, "kv_cache_full", f"the request needs {kv_bytes} bytes of KV cache; "
+                               f"{max(free, 0)} of {self.capacity_bytes} are free on this replica now")
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
+            self._footprint[request_id] = kv_bytes
+            self._outstanding += kv_bytes
+        try:
+            self.engine.add_request(request_id, prompt_ids, params)
+        except ValueError as e:
+            self._forget(request_id)
+            raise Rejected(400, "invalid_request", str(e)) from None
+        self._wake.set()
+        return q
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def routing_stats(self) -> dict:
+        s = self.stats
+        used = int(s.get("used_bytes", 0))
+        outstanding = self.outstanding_bytes
+        return {"ts": time.time(), "capacity_bytes": self.capacity_bytes, "used_bytes": used,
+                "outstanding_bytes": outstanding,
+                "free_bytes": max(0, self.capacity_bytes - max(used, outstanding)),
+                "num_requests": len(self._streams), "waiting": s.get("waiting", 0), "running": s.get("running", 0),
+                "healthy": self.healthy}
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self.thread.join(timeout=10)
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._outstanding -= self._footprint.pop(request_id, 0)
+
+    def _send(self, request_id: str, msg: dict, last: bool = False) -> None:
+        with self._lock:
+            entry = self._streams.get(request_id)
+        if last:
+            self._forget(request_id)
+        if entry is None:
+            return
+        loop, q = entry
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, msg)
+        except RuntimeError:      # the consumer's loop is closed
+            pass
+
+    def _on_progress(self, request_id: str, done: int, total: int) -> None:
+        self._send(request_id, {"type": "progress", "layers_done": done, "num_layers": total})
+
+    def _engine_stats(self) -> dict:
+        try:
+            return self.engine.stats()
+        except Exception:   # stats must never take the loop down
+            log.exception("engine.stats() failed")
+            return getattr(self, "stats", {"capacity_bytes": 0, "used_bytes": 0})
+
+    def _refresh_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._stats_at >= self.stats_interval_s:
+            self.stats, self._stats_at = self._engine_stats(), now
+            if self.on_step is not None:
+                try:
+                    self.on_step(self.stats, self.routing_stats())
+                except Exception:
+                    log.exception("on_step callback failed")
+
+    def _run(self) -> None:
+        idle = True
+        while not self._stop:
+            if not self.engine.has_work():
+                if not idle:
+                    self._refresh_stats(force=True)    # KV was just freed: report it now
+                idle = True
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            idle = False
+            try:
+                outputs = self.engine.step()
+                self._failures = 0
+            except Exception as e:
+                self._failures += 1
+                log.exception("engine step failed (%d in a row)", self._failures)
+                self._fail_all(f"internal error in the engine: {type(e).__name__}")
+                time.sleep(min(1.0, 0.1 * self._failures))
+                continue
+            for out in outputs:
+                self._send(out.request_id, {"type": "output", **asdict(out)}, last=out.finished)
+            self._refresh_stats()
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            ids = list(self._streams)
+        for rid in ids:
+            self.engine.abort(rid)
+            self._send(rid, {"type": "output", "request_id": rid, "token_ids": [], "text": "", "finished": True,
+                             "finish_reason": "error", "error": message, "prompt_tokens": 0,
+                             "completion_tokens": 0}, last=True)

@@ -1,0 +1,53 @@
+"""Replica metrics through `ray.util.metrics` (exported by Ray's Prometheus endpoint, prefixed
+`ray_`): queue depth, KV bytes, prefill / decode throughput, cache hit ratio, request outcomes."""
+from __future__ import annotations
+
+
+class ReplicaMetrics:
+    def __init__(self, replica: str, model: str):
+        from ray.util.metrics import Counter, Gauge, Histogram
+        self.tags = {"replica": replica, "model": model}
+        keys = ("replica", "model")
+
+        def gauge(name, desc):
+            g = Gauge(name, desc, tag_keys=keys)
+            g.set_default_tags(self.tags)
+            return g
+
+        self.waiting = gauge("retroinfer_queue_depth", "Requests admitted and waiting for prefill")
+        self.running = gauge("retroinfer_running_requests", "Requests in the decode batch")
+        self.kv_used = gauge("retroinfer_kv_used_bytes", "KV cache bytes held by sequences")
+        self.kv_capacity = gauge("retroinfer_kv_capacity_bytes", "KV cache capacity of the replica")
+        self.kv_outstanding = gauge("retroinfer_kv_outstanding_bytes", "KV bytes promised to admitted requests")
+        self.prefill_tps = gauge("retroinfer_prefill_tokens_per_s", "Prefill throughput of the last prefill")
+        self.decode_tps = gauge("retroinfer_decode_tokens_per_s", "Decode throughput of the last step")
+        self.hit_ratio = gauge("retroinfer_cache_hit_ratio", "GPU block-cache hit ratio (wave attention)")
+        self.requests = Counter("retroinfer_requests_total", "Requests by outcome",
+                                tag_keys=keys + ("outcome",))
+        self.requests.set_default_tags(self.tags)
+        self.tokens = Counter("retroinfer_generated_tokens_total", "Tokens generated", tag_keys=keys)
+        self.tokens.set_default_tags(self.tags)
+        self.ttft = Histogram("retroinfer_time_to_first_token_s", "Time to first token",
+                              boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800], tag_keys=keys)
+        self.ttft.set_default_tags(self.tags)
+
+    def on_step(self, stats: dict, routing: dict) -> None:
+        """Called by the engine loop (throttled) with engine.stats() and the routing stats."""
+        self.waiting.set(stats.get("waiting", 0))
+        self.running.set(stats.get("running", 0))
+        self.kv_used.set(stats.get("used_bytes", 0))
+        self.kv_capacity.set(stats.get("capacity_bytes", 0))
+        self.kv_outstanding.set(routing.get("outstanding_bytes", 0))
+        if stats.get("prefill_s"):
+            self.prefill_tps.set(stats.get("prefill_tokens", 0) / stats["prefill_s"])
+        if stats.get("decode_s"):
+            self.decode_tps.set(stats.get("decode_batch", 0) / stats["decode_s"])
+        if stats.get("cache_hit_ratio") is not None:
+            self.hit_ratio.set(float(stats["cache_hit_ratio"]))
+
+    def on_finish(self, outcome: str, completion_tokens: int, ttft_s: float | None) -> None:
+        self.requests.inc(1, tags={"outcome": outcome})
+        if completion_tokens:
+            self.tokens.inc(completion_tokens)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)

@@ -1,0 +1,179 @@
+"""OpenAI-compatible request models (validated) and response builders, and the API error type.
+Unknown fields are ignored, as OpenAI-compatible servers do; fields whose feature is not
+implemented (n > 1, logprobs, echo, penalties, tools) are rejected with a 400 that says so."""
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class APIError(Exception):
+    """An error for the client, in OpenAI's format: {"error": {"message", "type", "code", "param"}}."""
+
+    TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
+             500: "internal_error", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
+                          "code": self.code, "param": self.param}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1, description="0 or -1: off")
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        v = [v] if isinstance(v, str) else v
+        if v is not None and (len(v) > 16 or any(not s for s in v)):
+            raise ValueError("stop must be up to 16 non-empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.n != 1:
+            raise ValueError(f"n={self.n} is not supported: this server returns one choice per request (n=1)")
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty and frequency_penalty are not supported")
+        return self
+
+    def sampling_kwargs(self, max_tokens: int) -> dict:
+        return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": max(0, self.top_k), "seed": self.seed, "stop": list(self.stop or []),
+                "stop_token_ids": list(self.stop_token_ids or []), "ignore_eos": self.ignore_eos}
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int] | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _completion_unsupported(self):
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
+            raise ValueError("a batch of prompts is not supported: send one prompt per request")
+        for name, bad in (("echo", self.echo), ("logprobs", self.logprobs is not None),
+                          ("best_of", self.best_of not in (None, 1)), ("suffix", self.suffix is not None)):
+            if bad:
+                raise ValueError(f"{name} is not supported")
+        return self
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        if any(p.type != "text" for p in self.content):
+            raise ValueError("only text content parts are supported")
+        return "".join(p.text or "" for p in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    tools: list | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _chat_unsupported(self):
+        if self.logprobs:
+            raise ValueError("logprobs is not supported")
+        if self.tools:
+            raise ValueError("tools are not supported")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise ValueError("response_format other than text is not supported")
+        for m in self.messages:
+            m.text()
+        return self
+
+
+class JobRequest(SamplingFields):
+    """A long-context job: a completion (`prompt`) or a chat (`messages`), run to the end."""
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if self.stream:
+            raise ValueError("jobs do not stream; follow GET /v1/jobs/{id}/events instead")
+        for m in self.messages or []:
+            m.text()
+        return self
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish_reason: str | None, use: dict | None,
+                    chunk: bool = False) -> dict:
+    out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+           "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    if use is not None or not chunk:
+        out["usage"] = use
+    return out
+
+
+def chat_body(rid: str, model: str, text: str, finish_reason: str | None, use: dict | None) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish_reason}], "usage": use}
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(rid: str, model: str, obj: str, use: dict) -> dict:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": use}

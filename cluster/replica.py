@@ -1,0 +1,134 @@
+"""The engine replica: one model instance (its pipeline stages) and its scheduler, as a Serve
+deployment. The replica actor runs in bundle 0 of its placement group; stage actors, when the
+replica uses the Ray pipeline executor, go to bundles 1..S (see `deployments/app.py`).
+
+`generate` is a streaming method. Its first item is `[{"type": "accepted", "replica"}]` or
+`[{"type": "rejected", "status": 429 | 400, "code", "message", "retry_after_s", "replica"}]`; then
+lists of engine messages (see `engine_loop.py`) until one has `finished`. If the caller goes away
+(HTTP disconnect, DELETE of a job), Serve cancels the call; the generator then aborts the request
+in the engine, which frees its KV at its next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from ray import serve
+
+from retroinfer.config import EngineConfig
+from retroinfer.engine.llm_engine import LLMEngine, load_model_config
+from retroinfer.engine.sampling import SamplingParams
+
+from .engine_loop import EngineLoop, Rejected
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    stages: int = 1
+    executor: str = "local"          # "local": stages in this process; "ray": stage actors
+    stage_num_cpus: float = 1.0
+    stage_num_gpus: float = 0.0
+    micro_batches: int | None = None
+    num_threads: int | None = None   # torch threads for in-process CPU compute
+    retry_after_s: float = 1.0
+    model_name: str = "model"
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:   # outside Serve (tests that build the class directly)
+        return "local"
+
+
+@serve.deployment(name="LLMReplica")
+class LLMReplica:
+    def __init__(self, cfg: EngineConfig, opts: ReplicaOptions):
+        if opts.num_threads:
+            torch.set_num_threads(opts.num_threads)
+        self.opts, self.replica_id = opts, _replica_id()
+        executor = None
+        if opts.executor == "ray":
+            from .pipeline import RayPipelineExecutor
+            executor = RayPipelineExecutor(cfg, load_model_config(cfg.model), opts.stages,
+                                           num_cpus=opts.stage_num_cpus, num_gpus=opts.stage_num_gpus,
+                                           micro_batches=opts.micro_batches)
+        self.engine = LLMEngine(cfg, executor=executor)
+        self.metrics = None
+        try:
+            from .metrics import ReplicaMetrics
+            self.metrics = ReplicaMetrics(self.replica_id, opts.model_name)
+        except Exception:   # metrics are optional (no Ray metrics agent, e.g. some test setups)
+            log.warning("metrics disabled", exc_info=True)
+        self.loop = EngineLoop(self.engine, on_step=self.metrics.on_step if self.metrics else None)
+        log.info("replica %s: %s, %d stage(s) via %s executor, KV capacity %d bytes", self.replica_id,
+                 cfg.model, opts.stages, opts.executor, self.loop.capacity_bytes)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: dict, kv_bytes: int,
+                       exclude: list[str] | None = None, target: str | None = None):
+        """`exclude` / `target` are read by the router, not here."""
+        t0 = time.perf_counter()
+        try:
+            q = self.loop.submit(request_id, prompt_ids, SamplingParams(**params), int(kv_bytes))
+        except (Rejected, ValueError) as e:
+            r = e if isinstance(e, Rejected) else Rejected(400, "invalid_request", str(e))
+            if self.metrics:
+                self.metrics.on_finish("rejected_%d" % r.status, 0, None)
+            yield [{**r.to_message(self.opts.retry_after_s), "replica": self.replica_id}]
+            return
+        yield [{"type": "accepted", "replica": self.replica_id}]
+        last, ttft = None, None
+        try:
+            while last is None or not last["finished"]:
+                batch = [await q.get()]
+                while not q.empty():
+                    batch.append(q.get_nowait())
+                outs = [m for m in batch if m["type"] == "output"]
+                if outs:
+                    last = outs[-1]
+                    if ttft is None and any(m["token_ids"] for m in outs):
+                        ttft = time.perf_counter() - t0
+                yield batch
+        finally:
+            if last is None or not last["finished"]:
+                self.loop.abort(request_id)      # cancelled by the caller: free the KV
+                outcome, n = "cancelled", (last or {}).get("completion_tokens", 0)
+            else:
+                outcome, n = last["finish_reason"] or "stop", last["completion_tokens"]
+            if self.metrics:
+                self.metrics.on_finish(outcome, n, ttft)
+
+    def record_routing_stats(self) -> dict:
+        return {**self.loop.routing_stats(), "replica": self.replica_id}
+
+    def check_health(self) -> None:
+        if not self.loop.healthy:
+            raise RuntimeError("the engine loop is not running")
+
+    async def info(self, target: str | None = None) -> dict:
+        """This replica's identity, binding (as seen from inside) and stats."""
+        import ray
+        from .numa import binding_report
+        ctx = ray.get_runtime_context()
+        stats = await asyncio.to_thread(self.engine.stats)
+        ex = self.engine.executor
+        return {"replica": self.replica_id, "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels(),
+                "placement_group": (ctx.get_placement_group_id() or None), **binding_report(),
+                "stages": getattr(ex, "stage_info", None), "stats": {k: v for k, v in stats.items() if k != "stages"},
+                "routing": self.loop.routing_stats()}
+
+    def ping(self) -> bool:
+        return True
+
+    def __del__(self):
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.shutdown()
+        ex = getattr(getattr(self, "engine", None), "executor", None)
+        if hasattr(ex, "shutdown"):
+            ex.shutdown()

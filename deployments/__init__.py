@@ -1,0 +1,1 @@
+"""Serve application builder and configs (installed as `retroinfer.deployments`)."""

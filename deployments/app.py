@@ -1,0 +1,146 @@
+"""The Serve application: `build_app(args)` for `serve run deployments/<x>.yaml`
+(import_path `retroinfer.deployments.app:build_app`).
+
+Two deployments: `LLMReplica` (num_replicas engine replicas, each a placement group of one bundle
+for the replica plus one per pipeline stage, STRICT_PACK so a replica sits inside one Ray node, i.e.
+one NUMA node under `retroinfer cluster up`; routed by KV footprint) and `Ingress` (FastAPI, one
+replica). `RETROINFER_MODEL_DIR`, when set, overrides `model`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from retroinfer.config import ConfigError, EngineConfig, WaveConfig
+from retroinfer.models.presets import is_preset
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "tiny"                     # HF model directory, "tiny" or "random:<arch>"
+    served_model_name: str | None = None    # default: the directory's name
+    attention: Literal["full", "wave"] = "full"
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    device: Literal["cpu", "cuda"] | None = None   # default: cuda if the cluster has GPUs
+    num_replicas: int = Field(1, ge=1)
+    gpus_per_replica: int = Field(1, ge=1)  # pipeline stages per replica, one per GPU (CPU: stages)
+    gpu_fraction: float | None = Field(None, gt=0, le=1)   # num_gpus per stage (default 1 on cuda)
+    cpus_per_stage: float = Field(1.0, gt=0)
+    num_cpus_per_replica: float = Field(0.5, gt=0)        # the scheduler / replica actor itself
+    kv_pool_gb: float | None = Field(None, gt=0)           # KV budget per stage (EngineConfig.kv_budget_bytes)
+    max_batch: int = Field(16, ge=1)
+    max_model_len: int | None = Field(None, ge=1)
+    max_queued_requests: int = Field(-1, ge=-1)            # per caller of the engine deployment; then 429
+    max_ongoing_requests: int = Field(64, ge=1)            # concurrent requests per engine replica
+    prefill_chunk: int | None = Field(None, ge=1)
+    seed: int = 0
+    wave: dict[str, float] | None = None                   # WaveConfig overrides
+    executor: Literal["auto", "local", "ray"] = "auto"     # auto: in-process for one stage
+    micro_batches: int | None = Field(None, ge=1)          # decode micro-batches (default: stages)
+    replicas_per_numa_node: int | None = Field(None, ge=1)
+    routing_stats_period_s: float = Field(1.0, gt=0)
+    retry_after_s: float = Field(1.0, gt=0)
+    default_max_tokens: int = Field(256, ge=1)
+    job_ttl_s: float = Field(3600.0, gt=0)
+    ingress_num_cpus: float = Field(0.25, ge=0)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        v = os.environ.get("RETROINFER_MODEL_DIR") or v
+        if not is_preset(v) and not (Path(v) / "config.json").is_file():
+            raise ValueError(f"model {v!r} is neither a preset (tiny, random:<arch>) nor a Hugging Face "
+                             "directory with a config.json")
+        return v
+
+    @model_validator(mode="after")
+    def _wave(self):
+        if self.wave:
+            names = set(WaveConfig.__dataclass_fields__)
+            bad = sorted(set(self.wave) - names)
+            if bad:
+                raise ValueError(f"unknown wave option(s) {bad}; known: {sorted(names)}")
+            try:
+                self.wave_config()
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+    def wave_config(self) -> WaveConfig:
+        ints = {k for k, f in WaveConfig.__dataclass_fields__.items() if f.type in ("int", int)}
+        return WaveConfig(**{k: int(v) if k in ints else v for k, v in (self.wave or {}).items()})
+
+
+def _cluster_resources() -> dict:
+    import ray
+    return ray.cluster_resources() if ray.is_initialized() else {}
+
+
+def plan_replica(a: AppArgs, resources: dict) -> tuple[EngineConfig, dict, dict]:
+    """-> (engine config, ReplicaOptions kwargs, Serve deployment options)."""
+    device = a.device or ("cuda" if resources.get("GPU", 0) > 0 else "cpu")
+    stages = a.gpus_per_replica
+    gpu = (a.gpu_fraction or 1.0) if device == "cuda" else 0.0
+    executor = a.executor if a.executor != "auto" else ("local" if stages == 1 else "ray")
+    devices = tuple(f"cuda:{i}" for i in range(stages)) if executor == "local" and device == "cuda" and stages > 1 \
+        else (("cpu",) * stages if executor == "local" and stages > 1 else ())
+    cfg = EngineConfig(model=a.model, attention=a.attention, dtype=a.dtype, device=device, devices=devices,
+                       max_batch=a.max_batch, max_model_len=a.max_model_len,
+                       kv_budget_bytes=int(a.kv_pool_gb * 2**30) if a.kv_pool_gb else None,
+                       prefill_chunk=a.prefill_chunk or EngineConfig.prefill_chunk,
+                       wave=a.wave_config(), seed=a.seed)
+    if executor == "local":      # compute in the replica process: it holds every stage's resources
+        head = {"CPU": a.num_cpus_per_replica + a.cpus_per_stage * stages}
+        if gpu:
+            head["GPU"] = gpu * stages
+        bundles = [head]
+        actor = {"num_cpus": head["CPU"], "num_gpus": head.get("GPU", 0)}
+        threads = max(1, int(a.cpus_per_stage * stages)) if device == "cpu" else None
+    else:
+        stage = {"CPU": a.cpus_per_stage, **({"GPU": gpu} if gpu else {})}
+        bundles = [{"CPU": a.num_cpus_per_replica}] + [dict(stage) for _ in range(stages)]
+        actor = {"num_cpus": a.num_cpus_per_replica}
+        threads = 1
+    numa_nodes = resources.get("numa_node", 0)
+    if numa_nodes:    # only on a cluster started by `retroinfer cluster up` (or one that mimics it)
+        per_node = a.replicas_per_numa_node
+        if per_node is None:
+            gpus_per_node = resources.get("GPU", 0) / numa_nodes
+            per_node = max(1, int(gpus_per_node // (gpu * stages))) if gpu else 1
+        bundles[0]["numa_node"] = math.floor(10_000 / per_node) / 10_000
+    opts = dict(stages=stages, executor=executor, stage_num_cpus=a.cpus_per_stage, stage_num_gpus=gpu,
+                micro_batches=a.micro_batches, num_threads=threads, retry_after_s=a.retry_after_s)
+    serve_opts = dict(num_replicas=a.num_replicas, ray_actor_options=actor, placement_group_bundles=bundles,
+                      placement_group_strategy="STRICT_PACK", max_ongoing_requests=a.max_ongoing_requests,
+                      max_queued_requests=a.max_queued_requests, health_check_period_s=5.0,
+                      graceful_shutdown_timeout_s=10.0)
+    return cfg, opts, serve_opts
+
+
+def build_app(args: dict | None = None):
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from retroinfer.cluster.api import Ingress
+    from retroinfer.cluster.replica import LLMReplica, ReplicaOptions
+    from retroinfer.cluster.router import KVCapacityRouter
+
+    a = AppArgs.model_validate(args or {})
+    name = a.served_model_name or Path(a.model).name
+    cfg, opts, serve_opts = plan_replica(a, _cluster_resources())
+    router = RequestRouterConfig(request_router_class=KVCapacityRouter,
+                                 request_routing_stats_period_s=a.routing_stats_period_s,
+                                 request_routing_stats_timeout_s=max(5.0, 10 * a.routing_stats_period_s))
+    engine = LLMReplica.options(request_router_config=router, **serve_opts).bind(
+        cfg, ReplicaOptions(**opts, model_name=name))
+    ingress = {"model": a.model, "served_model_name": name, "dtype": a.dtype, "max_model_len": a.max_model_len,
+               "default_max_tokens": a.default_max_tokens, "retry_after_s": a.retry_after_s,
+               "job_ttl_s": a.job_ttl_s, "engine_deployment": "LLMReplica"}
+    return serve.deployment(Ingress, name="Ingress").options(
+        num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": a.ingress_num_cpus},
+    ).bind(engine, ingress)
