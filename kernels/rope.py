@@ -60,7 +60,7 @@ def _rope_kernel(
 
 
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos/sin: [T, D]. Plain torch, as ``Rotary.apply`` has always done it."""
+    """x: [T, H, D]; cos/sin: [T, D]. Plain torch, the rotate-half convention of HF checkpoints."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

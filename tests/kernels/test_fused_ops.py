@@ -110,13 +110,6 @@ def test_apply_rope_matches_ref(device, dtype, case):
         assert torch.equal(qkv[:, (Hq + Hkv) * D:], v_before), "v columns touched"
 
 
-def test_rope_ref_is_rotary_apply():
-    from retroinfer.models.rope import Rotary
-    g = gen("cpu", "rope-ref")
-    x, cos, sin = randn(g, 5, 3, 64), randn(g, 5, 64), randn(g, 5, 64)
-    assert torch.equal(rope_ref(x, cos, sin), Rotary.apply(x, cos, sin))
-
-
 # -- SwiGLU -----------------------------------------------------------------------------------------
 # (leading shape, I, layout): contig | strided (rows of a wider buffer)
 SWIGLU_INTERP = [
