@@ -119,7 +119,8 @@ class LLMReplica:
         ex = self.engine.executor
         return {"replica": self.replica_id, "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels(),
                 "placement_group": (ctx.get_placement_group_id() or None), **binding_report(),
-                "stages": getattr(ex, "stage_info", None), "stats": {k: v for k, v in stats.items() if k != "stages"},
+                "stages": getattr(ex, "stage_info", None), "metrics": self.metrics is not None,
+                "stats": {k: v for k, v in stats.items() if k != "stages"},
                 "routing": self.loop.routing_stats()}
 
     def ping(self) -> bool:

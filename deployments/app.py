@@ -32,7 +32,9 @@ class AppArgs(BaseModel):
     gpu_fraction: float | None = Field(None, gt=0, le=1)   # num_gpus per stage (default 1 on cuda)
     cpus_per_stage: float = Field(1.0, gt=0)
     num_cpus_per_replica: float = Field(0.5, gt=0)        # the scheduler / replica actor itself
-    kv_pool_gb: float | None = Field(None, gt=0)           # KV budget per stage (EngineConfig.kv_budget_bytes)
+    kv_pool_gb: float | None = Field(None, gt=0)           # the replica's KV pool, split over its stages
+    offload: bool | None = None             # wave: KV in the NUMA-local host pool (default: wave on cuda)
+    gpu_kv_gb: float | None = Field(None, gt=0)            # offload: GPU-side budget per stage (default: free memory)
     max_batch: int = Field(16, ge=1)
     max_model_len: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(-1, ge=-1)            # per caller of the engine deployment; then 429
@@ -89,9 +91,12 @@ def plan_replica(a: AppArgs, resources: dict) -> tuple[EngineConfig, dict, dict]
     executor = a.executor if a.executor != "auto" else ("local" if stages == 1 else "ray")
     devices = tuple(f"cuda:{i}" for i in range(stages)) if executor == "local" and device == "cuda" and stages > 1 \
         else (("cpu",) * stages if executor == "local" and stages > 1 else ())
+    offload = a.offload if a.offload is not None else (a.attention == "wave" and device == "cuda")
+    pool = int(a.kv_pool_gb * 2**30 / stages) if a.kv_pool_gb else None      # per stage
+    gpu_kv = int(a.gpu_kv_gb * 2**30) if a.gpu_kv_gb else None
     cfg = EngineConfig(model=a.model, attention=a.attention, dtype=a.dtype, device=device, devices=devices,
-                       max_batch=a.max_batch, max_model_len=a.max_model_len,
-                       kv_budget_bytes=int(a.kv_pool_gb * 2**30) if a.kv_pool_gb else None,
+                       max_batch=a.max_batch, max_model_len=a.max_model_len, offload=offload,
+                       kv_budget_bytes=gpu_kv if offload else pool, host_kv_budget_bytes=pool if offload else None,
                        prefill_chunk=a.prefill_chunk or EngineConfig.prefill_chunk,
                        wave=a.wave_config(), seed=a.seed)
     if executor == "local":      # compute in the replica process: it holds every stage's resources

@@ -39,7 +39,7 @@ def test_one_replica_per_numa_node_with_its_stages(base_url):
             assert [s["layers"] for s in stages] == [[0, 2], [2, 4]]
             assert {s["node_id"] for s in stages} == {info["node_id"]}          # STRICT_PACK: same node
             assert {s["labels"]["numa"] for s in stages} == {info["labels"]["numa"]}
-            assert info["stats"]["capacity_bytes"] == 2 * (1 << 20)             # two stages, 1 MiB each
+            assert info["stats"]["capacity_bytes"] == 1 << 20                   # kv_pool_gb over two stages
 
         body = {"prompt": "pipeline", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
         outs = [client.post("/v1/completions", json=body) for _ in range(3)]

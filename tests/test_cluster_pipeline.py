@@ -14,7 +14,7 @@ CFG = EngineConfig(model="tiny", device="cpu", kv_budget_bytes=1 << 20, max_batc
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="error", log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="error", log_to_driver=False)
     yield
     ray.shutdown()
 

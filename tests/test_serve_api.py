@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def base_url():
     from ray import serve
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="error", log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="error", log_to_driver=False)
     port = free_port()
     args = yaml.safe_load((REPO / "deployments/tiny.yaml").read_text())["applications"][0]["args"]
     args.update(num_replicas=2, kv_pool_gb=PAGES * PAGE_BYTES / 2**30, max_model_len=4096,
@@ -51,6 +51,9 @@ def test_models_health_and_capacity(client):
     reps = cluster(client)
     assert len({r["replica"] for r in reps}) == 2
     assert all(r["capacity_bytes"] == PAGES * PAGE_BYTES and r["free_bytes"] == r["capacity_bytes"] for r in reps)
+    detail = cluster(client, detail=True)
+    assert {d["replica"] for d in detail} == {r["replica"] for r in reps}
+    assert all(d["metrics"] and d["stats"]["capacity_bytes"] == PAGES * PAGE_BYTES for d in detail)
 
 
 def test_completion_whole_and_streamed_agree(client):

@@ -68,7 +68,7 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class Rotary:
-    """Applies RoPE at arbitrary positions; cos/sin computed per call from fp32 positions so a
+    """RoPE cos/sin at arbitrary positions, computed per call from fp32 positions so a
     1M-token prompt needs no 1M-row table kept around."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device):
