@@ -19,6 +19,7 @@ from dataclasses import asdict
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
@@ -34,6 +35,13 @@ app = FastAPI(title="RetroInfer", description="Long-context LLM serving (KV cach
 @app.exception_handler(P.APIError)
 async def _api_error(request: Request, e: P.APIError):
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):
+    status = e.status_code
+    return JSONResponse(P.APIError(status, str(e.detail), code={404: "not_found", 405: "method_not_allowed"}.get(
+        status, "http_error")).body(), status_code=status, headers=getattr(e, "headers", None))
 
 
 @app.exception_handler(RequestValidationError)
@@ -133,7 +141,7 @@ class Ingress:
     async def _run(self, prep: Prepared, stream: bool, render):
         """render(kind, text, finish_reason, usage) -> body dict; kind: "first" | "delta" | "final"."""
         es, replica = await self.open_stream(prep)
-        headers = {"x-retroinfer-replica": replica, "x-request-id": prep.request_id}
+        headers = {"x-retroinfer-replica": replica, "x-retroinfer-request-id": prep.request_id}
         if stream:
             return StreamingResponse(self._sse_body(es, prep, render), media_type="text/event-stream",
                                      headers=headers)
@@ -250,7 +258,6 @@ class Ingress:
         if not reps:   # no call routed yet from this process: one call creates the router
             await asyncio.wait_for(self.engine.ping.remote(), 30)
             reps = self.replicas()
-        if detail:
-            reps = await asyncio.gather(*[asyncio.wait_for(self.engine.info.remote(target=r["replica"]), 30)
-                                          for r in reps])
+        if detail:   # one call at a time: concurrent calls under one request context hang (see jobs.py)
+            reps = [await asyncio.wait_for(self.engine.info.remote(target=r["replica"]), 30) for r in reps]
         return {"model": self.front.model_name, "bytes_per_token": self.front.bytes_per_token, "replicas": reps}

@@ -15,7 +15,8 @@ def add_cluster_parser(sub) -> None:
     u.add_argument("--host", help="this host's IP for the nodes (default: Ray's choice of node IP)")
     u.add_argument("--port", type=int, default=6379, help="the head's GCS port")
     u.add_argument("--simulate-numa", type=int, metavar="K", help="split each real node into K fake nodes")
-    u.add_argument("--no-numactl", action="store_true", help="bind with affinity + set_mempolicy even if numactl exists")
+    u.add_argument("--no-numactl", action="store_true",
+                   help="bind with affinity + set_mempolicy even if numactl exists")
     u.add_argument("--temp-dir", help="Ray's temp dir (shared by the nodes)")
     u.add_argument("--object-store-fraction", type=float, default=0.3, help="of each node's memory")
     u.add_argument("--dry-run", action="store_true", help="print the commands only")

@@ -9,6 +9,7 @@ replica, the default, so every request for a job id reaches the replica that hol
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -81,7 +82,11 @@ class JobStore:
         self._purge()
         job = Job(f"job-{uuid.uuid4().hex}", prep.prompt_tokens)
         self.jobs[job.id] = job
-        job.task = asyncio.get_running_loop().create_task(self._run(job, prep))
+        # A fresh context: the task must not inherit the POST's Serve request context. Handle calls
+        # made under one request context share its internal request id, and Ray Serve 2.60's
+        # router indexes pending requests by that id, so two such calls in flight at once (this
+        # job's and another's from the same context) would leave one of them never routed.
+        job.task = contextvars.Context().run(asyncio.get_running_loop().create_task, self._run(job, prep))
         return job
 
     def get(self, job_id: str) -> Job:

@@ -14,8 +14,6 @@ created in the replica's placement group, and `RayPipelineExecutor`, which has t
 """
 from __future__ import annotations
 
-import logging
-import time
 from typing import Callable, Hashable
 
 import ray
@@ -24,8 +22,6 @@ import torch
 from retroinfer.attention import KVCapacityError
 from retroinfer.config import EngineConfig, ModelConfig, parse_dtype
 from retroinfer.engine.executor import merge_stage_stats, split_layers
-
-log = logging.getLogger(__name__)
 
 
 class _Cancelled(Exception):

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class APIError(Exception):
     """An error for the client, in OpenAI's format: {"error": {"message", "type", "code", "param"}}."""
 
-    TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
-             500: "internal_error", 503: "service_unavailable"}
+    TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+             429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
                  retry_after_s: float | None = None):

@@ -2,6 +2,7 @@
 ingress. KV per replica is 16 pages of 64 tokens (1024 tokens, 4 MiB), small enough to fill."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 from pathlib import Path
@@ -109,6 +110,10 @@ def test_bad_requests_get_openai_errors(client, body, status, needle):
 def test_malformed_json_and_chat_errors(client):
     r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
+    r = client.get("/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
     r = client.post("/v1/chat/completions", json={"messages": []})
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
@@ -185,7 +190,7 @@ def test_job_lifecycle_and_events(client):
     phases = [e["phase"] for e in events if e["type"] == "phase"]
     assert phases == ["prefill", "decode", "done"]
     progress = [e["prefill_progress"] for e in events if e["type"] == "progress"]
-    assert progress == [0.25, 0.5, 0.75, 1.0]                      # tiny has 4 layers
+    assert progress == [0.0, 0.25, 0.5, 0.75, 1.0]                 # started, then per layer (tiny: 4)
     assert "".join(e["text"] for e in events if e["type"] == "token") == done["result"]["text"]
     assert client.get("/v1/jobs/job-nope").status_code == 404
     assert client.delete("/v1/jobs/job-nope").json()["error"]["code"] == "job_not_found"
@@ -210,19 +215,22 @@ def test_disconnect_frees_kv(client, base_url):
     with httpx.Client(base_url=base_url, timeout=60) as c2:
         with c2.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
             assert s.status_code == 200
-            got = 0
-            for line in s.iter_lines():
-                got += line.startswith("data: ")
-                if got >= 5:
-                    break
+            lines = s.iter_lines()          # keep the iterator: dropping it closes the response
+            data = [line for line, _ in zip(lines, range(10)) if line.startswith("data: ")]
+            assert data
             wait_for(lambda: max(r["used_bytes"] for r in cluster(client)) > 0, what="KV in use")
-    t0 = time.time()
-    wait_idle(client, 2, timeout=6)
+            t0 = time.time()
+    wait_idle(client, 2, timeout=6)     # the response is closed when the `with` exits
     streamed_s = time.time() - t0
 
-    with httpx.Client(base_url=base_url, timeout=1.5) as c3:
-        with pytest.raises(httpx.ReadTimeout):
+    def whole():                        # a non-streaming client that gives up after 3 s
+        with httpx.Client(base_url=base_url, timeout=3) as c3:
             c3.post("/v1/completions", json=body)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(whole)
+        wait_for(lambda: max(r["used_bytes"] for r in cluster(client)) > 0, what="KV in use")
+        with pytest.raises(httpx.ReadTimeout):
+            fut.result()
     t0 = time.time()
     wait_idle(client, 2, timeout=6)
     print(f"\nKV freed {streamed_s:.2f}s after the stream closed, {time.time() - t0:.2f}s after the timeout")

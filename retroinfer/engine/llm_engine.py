@@ -134,6 +134,8 @@ class LLMEngine:
         self.waiting.popleft()
         seq.phase = Phase.PREFILL
         seq.generator = self.sampler.generator(seq.params.seed)
+        if self.on_prefill_progress:   # layers_done 0: the prefill has started (its KV is reserved)
+            self.on_prefill_progress(seq.request_id, 0, self.model_cfg.num_layers)
 
         def progress(layer: int) -> None:
             seq.prefill_layers_done += 1
