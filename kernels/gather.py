@@ -126,18 +126,25 @@ def gather_clusters(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Ten
     for name, t in (("src_k", src_k), ("src_v", src_v), ("dst_k", dst_k), ("dst_v", dst_v),
                     ("offsets", offsets), ("cluster_ids", cluster_ids)):
         check_last_contiguous(name, t)
-    R = cluster_ids.shape[1]
-    lengths = torch.zeros(Hkv, dtype=torch.int32, device=dst_k.device)
-    if Hkv * R == 0:
+    return _launch(src_k, src_v, offsets, cluster_ids, dst_k, dst_v, dst_start, Hkv)
+
+
+def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int) -> torch.Tensor:
+    """One launch over `rows` = ids.shape[0] destination rows; row x reads source head x % heads.
+    ids [rows, R]; dst [rows, Lmax, D]. Returns lengths [rows] int32."""
+    rows, R = ids.shape
+    Lmax, D = dst_k.shape[1], dst_k.shape[2]
+    lengths = torch.zeros(rows, dtype=torch.int32, device=dst_k.device)
+    if rows * R == 0:
         return lengths
     # clusters per program: about 4 waves of programs over the GPU
-    chunk = min(16, next_pow2(max(1, Hkv * R // (4 * num_sms(dst_k.device)))))
-    _gather_clusters_kernel[(Hkv, cdiv(R, chunk))](
-        src_k, src_v, offsets, cluster_ids, lengths, dst_k, dst_v,
+    chunk = min(16, next_pow2(max(1, rows * R // (4 * num_sms(dst_k.device)))))
+    _gather_clusters_kernel[(rows, cdiv(R, chunk))](
+        src_k, src_v, offsets, ids, lengths, dst_k, dst_v,
         src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1),
-        offsets.stride(0), cluster_ids.stride(0),
+        offsets.stride(0), ids.stride(0),
         dst_k.stride(0), dst_k.stride(1), dst_v.stride(0), dst_v.stride(1),
-        R, offsets.shape[1] - 1, Lmax, D, int(dst_start), Hkv,
+        R, offsets.shape[1] - 1, Lmax, D, int(dst_start), heads,
         CHUNK=chunk, BLOCK_SEL=next_pow2(max(R, 2)), BLOCK_ROWS=16, BLOCK_D=max(16, next_pow2(D)),
         num_warps=4,
     )
@@ -168,21 +175,8 @@ def gather_clusters_batched(src_k: torch.Tensor, src_v: torch.Tensor, offsets: t
     if not zero_copy:
         _check(src_k, src_v, offsets, cluster_ids[0], dst_k[0], dst_v[0], dst_start)
     rows = B * Hkv
-    lengths = torch.zeros(rows, dtype=torch.int32, device=dst_k.device)
-    if rows * R == 0:
-        return lengths.view(B, Hkv)
-    ids = cluster_ids.reshape(rows, R).contiguous()
-    dk, dv = dst_k.view(rows, Lmax, D), dst_v.view(rows, Lmax, D)
-    chunk = min(16, next_pow2(max(1, rows * R // (4 * num_sms(dst_k.device)))))
-    _gather_clusters_kernel[(rows, cdiv(R, chunk))](
-        src_k, src_v, offsets, ids, lengths, dk, dv,
-        src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1),
-        offsets.stride(0), ids.stride(0),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        R, offsets.shape[1] - 1, Lmax, D, int(dst_start), Hkv,
-        CHUNK=chunk, BLOCK_SEL=next_pow2(max(R, 2)), BLOCK_ROWS=16, BLOCK_D=max(16, next_pow2(D)),
-        num_warps=4,
-    )
+    lengths = _launch(src_k, src_v, offsets, cluster_ids.reshape(rows, R).contiguous(),
+                      dst_k.view(rows, Lmax, D), dst_v.view(rows, Lmax, D), dst_start, Hkv)
     return lengths.view(B, Hkv)
 
 
