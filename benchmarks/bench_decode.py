@@ -95,7 +95,7 @@ def main() -> None:
     bw = hbm_bandwidth()
     cfg = EngineConfig(model=a.model, attention=a.attention, dtype=a.dtype, device="cuda",
                        max_batch=max(batches) or 16, max_model_len=a.context + a.steps + 64,
-                       prefill_chunk=8192, wave=WaveConfig(), offload=a.offload,
+                       prefill_chunk=8192, prefill_slice_s=None, wave=WaveConfig(), offload=a.offload,
                        host_kv_budget_bytes=int(a.host_kv_gb * 2**30) if a.host_kv_gb else None)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)

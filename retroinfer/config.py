@@ -166,6 +166,8 @@ class EngineConfig:
     offload: bool = False                # wave: cluster-sorted KV in pinned host memory (wave buffer)
     host_kv_budget_bytes: int | None = None   # offload: host pool per stage (default: half the free RAM)
     prefill_chunk: int = 16384           # tokens per MLP / projection chunk in prefill
+    prefill_slice_s: float | None = 0.25   # while others decode, prefill this long between their
+                                           # decode steps (None: a prefill runs to its end at once)
     cuda_graphs: bool = True             # replay the decode step as a CUDA graph where the backend allows
     seed: int = 0
 

@@ -58,6 +58,13 @@ class LocalExecutor:
             x = st.prefill(seq_id, x, progress)
         return x
 
+    def prefill_steps(self, seq_id: Hashable, ids: torch.Tensor, progress: Callable[[int], None] | None = None):
+        """Generator form of `prefill`: yields between chunks, returns the last token's logits."""
+        x = ids
+        for st in self.stages:
+            x = yield from st.prefill_steps(seq_id, x, progress)
+        return x
+
     def decode(self, seq_ids: list, ids: torch.Tensor, positions: torch.Tensor):
         x = ids
         for st in self.stages:

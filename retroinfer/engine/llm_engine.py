@@ -25,6 +25,12 @@ class _Aborted(Exception):
     pass
 
 
+def _no_yield(fn):
+    """A blocking call in the shape of a prefill generator (executors without `prefill_steps`)."""
+    return fn()
+    yield  # noqa: unreachable: makes this a generator
+
+
 def load_model_config(model: str) -> ModelConfig:
     if is_preset(model):
         return preset_config(model)
@@ -59,6 +65,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._prefill: tuple | None = None     # (sequence, its prefill generator, start time)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self.last_step: dict = {}
@@ -83,14 +90,15 @@ class LLMEngine:
             seq.aborted = True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or not self._inbox.empty())
+        return bool(self.waiting or self.running or self._prefill or not self._inbox.empty())
 
     def kv_bytes_for(self, num_tokens: int) -> int:
         return num_tokens * self.model_cfg.kv_bytes_per_token(self.executor.dtype)
 
     def stats(self) -> dict:
         s = dict(self.executor.stats())
-        s.update(waiting=len(self.waiting), running=len(self.running), **self.last_step)
+        s.update(waiting=len(self.waiting), running=len(self.running), prefilling=int(self._prefill is not None),
+                 **self.last_step)
         return s
 
     # -- the loop ----------------------------------------------------------------------------
@@ -98,10 +106,12 @@ class LLMEngine:
         while not self._inbox.empty():
             self.waiting.append(self._inbox.get())
         outputs = self._reap_aborted()
-        if self.waiting and len(self.running) < self.cfg.max_batch:
-            out = self._try_prefill(self.waiting[0])
-            if out is not None:
-                return outputs + out
+        if self._prefill is None and self.waiting and len(self.running) < self.cfg.max_batch:
+            outputs += self._start_prefill(self.waiting[0])
+        if self._prefill is not None:
+            done = self._advance_prefill()
+            if done is not None:          # finished (or aborted) this step: its first token
+                return outputs + done
         if self.running:
             outputs += self._decode()
         return outputs
@@ -115,6 +125,12 @@ class LLMEngine:
 
     def _reap_aborted(self) -> list[RequestOutput]:
         out = []
+        if self._prefill is not None and self._prefill[0].aborted:
+            seq, steps, _ = self._prefill
+            steps.close()
+            self._prefill = None
+            self._finish(seq, "abort")
+            out.append(seq.output([], ""))
         for seq in [s for s in list(self.waiting) + self.running if s.aborted]:
             if seq in self.waiting:
                 self.waiting.remove(seq)
@@ -122,12 +138,13 @@ class LLMEngine:
             out.append(seq.output([], ""))
         return out
 
-    def _try_prefill(self, seq: Sequence) -> list[RequestOutput] | None:
+    def _start_prefill(self, seq: Sequence) -> list[RequestOutput]:
+        """Reserves the sequence's KV and starts its prefill (advanced by `_advance_prefill`)."""
         try:
             self.executor.reserve(seq.request_id, seq.footprint_tokens)
         except KVCapacityError as e:
             if e.ever and self.running:
-                return None            # fits once running sequences finish: wait
+                return []              # fits once running sequences finish: wait
             self.waiting.popleft()
             self._finish(seq, "error")
             return [seq.output([], "", error=f"KV cache cannot hold this request: {e}")]
@@ -144,13 +161,31 @@ class LLMEngine:
             if seq.aborted:
                 raise _Aborted
 
-        t0 = time.perf_counter()
+        ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
+        steps_fn = getattr(self.executor, "prefill_steps", None)
+        steps = steps_fn(seq.request_id, ids, progress) if steps_fn else \
+            _no_yield(lambda: self.executor.prefill(seq.request_id, ids, progress))
+        self._prefill = (seq, steps, time.perf_counter())
+        return []
+
+    def _advance_prefill(self) -> list[RequestOutput] | None:
+        """Runs the prefill in progress for up to `prefill_slice_s` while other sequences are
+        decoding (to its end when none are). Returns None while it is unfinished."""
+        seq, steps, t0 = self._prefill
+        slice_s = self.cfg.prefill_slice_s
+        deadline = time.perf_counter() + slice_s if self.running and slice_s is not None else None
         try:
-            ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
-            logits = self.executor.prefill(seq.request_id, ids, progress)
+            while True:
+                next(steps)
+                if deadline is not None and time.perf_counter() >= deadline:
+                    return None
+        except StopIteration as done:
+            logits = done.value
         except _Aborted:
+            self._prefill = None
             self._finish(seq, "abort")
             return [seq.output([], "")]
+        self._prefill = None
         self.last_step = {"prefill_tokens": len(seq.prompt_ids), "prefill_s": time.perf_counter() - t0}
         seq.phase = Phase.DECODE
         self.running.append(seq)

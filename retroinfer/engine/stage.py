@@ -8,7 +8,7 @@ import torch
 
 from ..attention import make_backend
 from ..config import EngineConfig, ModelConfig, parse_dtype
-from ..models.model import ModelShard
+from ..models.model import ModelShard, drain
 
 
 def default_kv_budget(device: torch.device, reserve_bytes: int) -> int:
@@ -69,9 +69,15 @@ class Stage:
     def prefill(self, seq_id: Hashable, x: torch.Tensor, progress: Callable[[int], None] | None = None):
         """x: token ids [T] on the first stage, else hidden [T, H]. Returns hidden [T, H], or on
         the last stage the logits of the last token [1, V]."""
-        x = self.shard.embed(x) if self.first else x.to(self.device)
-        x = self.shard.prefill(x, 0, self.backend, seq_id, self.cfg.prefill_chunk, progress)
-        return self.shard.logits(x[-1:]) if self.last else x
+        return drain(self.prefill_steps(seq_id, x, progress))
+
+    def prefill_steps(self, seq_id: Hashable, x: torch.Tensor, progress: Callable[[int], None] | None = None):
+        """Generator form of `prefill` (yields after every chunk of every layer)."""
+        with torch.inference_mode():
+            x = self.shard.embed(x) if self.first else x.to(self.device)
+        x = yield from self.shard.prefill_steps(x, 0, self.backend, seq_id, self.cfg.prefill_chunk, progress)
+        with torch.inference_mode():
+            return self.shard.logits(x[-1:]) if self.last else x
 
     def decode(self, seq_ids: list, x: torch.Tensor, positions: torch.Tensor):
         """x: ids [B] or hidden [B, H]; returns hidden, or logits [B, V] on the last stage."""

@@ -17,6 +17,15 @@ from .rope import Rotary
 Progress = Callable[[int], None]   # called with the global index of each finished layer
 
 
+def drain(steps):
+    """Runs a generator to its end and returns its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 class ModelShard:
     def __init__(self, cfg: ModelConfig, layer_ids: range, device: torch.device, dtype: torch.dtype,
                  get, names, first: bool, last: bool):
@@ -48,10 +57,16 @@ class ModelShard:
         return F.linear(rms_norm(x, self.norm_w, self.cfg.rms_norm_eps), self.lm_head).float()
 
     # -- passes ---------------------------------------------------------------------------------
-    @torch.inference_mode()
     def prefill(self, x: torch.Tensor, start: int, backend, seq_id, chunk: int,
                 progress: Progress | None = None) -> torch.Tensor:
-        """Layer by layer over the whole prompt, in place on x [T, H].
+        """Layer by layer over the whole prompt, in place on x [T, H]; see `prefill_steps`."""
+        return drain(self.prefill_steps(x, start, backend, seq_id, chunk, progress))
+
+    @torch.inference_mode()
+    def prefill_steps(self, x: torch.Tensor, start: int, backend, seq_id, chunk: int,
+                      progress: Progress | None = None):
+        """Generator form of `prefill`: yields after every chunk of every layer, so that the
+        engine can run decode steps of other sequences in between; returns x.
 
         Peak memory for T tokens (b bytes per element, H hidden, I intermediate, KV = Hkv*D,
         c = chunk): the residual T*H*b, one layer's K and V 2*T*KV*b, plus per chunk the QKV
@@ -77,6 +92,7 @@ class ModelShard:
                 o = causal_attention(q, k_all[:e], v_all[:e], q_start=s)
                 h, _ = layer.post_attn_norm(o, xs, residual_out=xs)
                 xs += layer.mlp(h)
+                yield
             backend.write_prefill(li, seq_id, k_all, v_all, start)
             if progress is not None:
                 progress(li)

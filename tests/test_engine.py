@@ -1,0 +1,49 @@
+"""Scheduling: a long prefill is sliced so that running sequences keep decoding, without changing
+anyone's tokens; abort and capacity errors during it."""
+from retroinfer.config import EngineConfig
+from retroinfer.engine.llm_engine import LLMEngine
+from retroinfer.engine.sampling import SamplingParams
+from retroinfer.engine.sequence import Phase
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def _engine(**kw):
+    return LLMEngine(EngineConfig(model="tiny", device="cpu", kv_budget_bytes=1 << 26, prefill_chunk=128, **kw))
+
+
+def _alone(prompt, n):
+    eng = _engine(prefill_slice_s=None)
+    return [t for o in eng.generate(prompt, SamplingParams(max_tokens=n, **GREEDY)) for t in o.token_ids]
+
+
+def test_decodes_continue_during_a_long_prefill():
+    short, long_ = list(range(1, 60)), list(range(1, 250)) * 8          # 1992 tokens: 16 chunks x 4 layers
+    eng = _engine(prefill_slice_s=0.0)                                    # yield after every chunk
+    eng.add_request("a", short, SamplingParams(max_tokens=40, **GREEDY))
+    tokens = {"a": [t for o in eng.step() for t in o.token_ids], "b": []}   # a: prefilled, decoding
+    eng.add_request("b", long_, SamplingParams(max_tokens=5, **GREEDY))
+    a_during_b_prefill = 0
+    while eng.has_work():
+        for out in eng.step():
+            tokens[out.request_id] += out.token_ids
+            if out.request_id == "a" and out.token_ids and eng._prefill is not None:
+                a_during_b_prefill += 1
+    assert a_during_b_prefill >= 10, "a must keep decoding while b prefills"
+    assert tokens["a"] == _alone(short, 40) and tokens["b"] == _alone(long_, 5)
+
+
+def test_abort_during_sliced_prefill_frees_kv():
+    eng = _engine(prefill_slice_s=0.0)
+    eng.add_request("a", list(range(1, 60)), SamplingParams(max_tokens=200, **GREEDY))
+    eng.step()
+    used_a = eng.stats()["used_bytes"]
+    eng.add_request("b", list(range(1, 250)) * 8, SamplingParams(max_tokens=5, **GREEDY))
+    for _ in range(3):
+        eng.step()
+    seq_b = eng._prefill[0]
+    assert seq_b.phase is Phase.PREFILL and eng.stats()["used_bytes"] > used_a
+    eng.abort("b")
+    outs = eng.step()
+    assert any(o.request_id == "b" and o.finish_reason == "abort" for o in outs)
+    assert eng._prefill is None and eng.stats()["used_bytes"] == used_a
