@@ -47,3 +47,27 @@ def test_abort_during_sliced_prefill_frees_kv():
     outs = eng.step()
     assert any(o.request_id == "b" and o.finish_reason == "abort" for o in outs)
     assert eng._prefill is None and eng.stats()["used_bytes"] == used_a
+
+
+def test_incremental_detokenizer_matches_full_decode(tmp_path):
+    """Streamed deltas concatenate to the full decode, for the byte tokenizer (multi-byte UTF-8
+    split over tokens) and a byte-level BPE tokenizer written by transformers."""
+    import random
+
+    from retroinfer.engine.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer
+
+    from .hf_models import make_tokenizer
+    make_tokenizer(tmp_path, 384)
+    rng = random.Random(0)
+    text = "naïve café — 東京 the quick brown fox, hello world! " * 3
+    for tok in (ByteTokenizer(), HFTokenizer(tmp_path)):
+        ids = tok.encode(text)[1:] if isinstance(tok, ByteTokenizer) else tok.encode(text)
+        ids = ids + [rng.randrange(0, 256) for _ in range(40)] if isinstance(tok, ByteTokenizer) else ids
+        detok, out = IncrementalDetokenizer(tok), ""
+        for n in range(1, len(ids) + 1):
+            out += detok.delta(ids[:n])
+        full = tok.decode(ids)
+        assert out == detok.text
+        assert full.startswith(out) and len(full) - len(out) <= 3   # at most an unfinished UTF-8 tail held back
+        if not full.endswith("\ufffd"):
+            assert out == full

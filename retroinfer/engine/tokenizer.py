@@ -57,14 +57,23 @@ def load_tokenizer(model: str):
 
 
 class IncrementalDetokenizer:
-    """Text deltas as tokens arrive; an incomplete UTF-8 tail is held back until it completes."""
+    """Text deltas as tokens arrive, decoding only a short window of recent tokens (a whole
+    re-decode per token would cost O(n^2) over a long answer). The window starts a few tokens
+    back so that tokenizers that drop or merge leading spaces decode the new text in context; an
+    incomplete UTF-8 tail is held back until it completes. `text` is everything emitted so far."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, context: int = 6):
         self.tok, self.text = tokenizer, ""
+        self.prefix, self.read = 0, 0       # window start; tokens already turned into text
+        self.context = context
 
     def delta(self, ids: list[int]) -> str:
-        full = self.tok.decode(ids)
-        if full.endswith("\ufffd"):
+        before = self.tok.decode(ids[self.prefix:self.read])
+        after = self.tok.decode(ids[self.prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
-        d, self.text = full[len(self.text):], full
+        d = after[len(before):]
+        self.read = len(ids)
+        self.prefix = max(0, self.read - self.context)
+        self.text += d
         return d
