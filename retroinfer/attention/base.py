@@ -9,6 +9,11 @@ import torch
 from ..config import ModelConfig, WaveConfig
 
 
+def pow2_bucket(n: int) -> int:
+    """The smallest power of two >= n: shape buckets, so that CUDA graphs serve many steps."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 class KVCapacityError(RuntimeError):
     """A sequence's KV does not fit. `ever` is False when it could fit once others finish."""
 

@@ -6,7 +6,7 @@ from typing import Hashable
 
 import torch
 
-from .base import AttentionBackend, KVCapacityError
+from .base import AttentionBackend, KVCapacityError, pow2_bucket
 
 PAGE = 64
 
@@ -80,7 +80,7 @@ class FullAttention(AttentionBackend):
                          table[rows, pos // PAGE].long(), pos % PAGE)
 
     def graph_key(self, plan: PagedPlan) -> int:
-        return 1 << max(0, plan.block_table.shape[1] - 1).bit_length()
+        return pow2_bucket(plan.block_table.shape[1])
 
     def static_plan(self, batch: int, plan: PagedPlan) -> PagedPlan:
         """Buffers a CUDA graph reads its plan from (see `load_static_plan`)."""

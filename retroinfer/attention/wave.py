@@ -17,7 +17,7 @@ import torch
 from ..config import WaveConfig
 from ..wave.index import ClusterIndex, build_index
 from ..wave.pools import WavePools
-from .base import AttentionBackend, KVCapacityError
+from .base import AttentionBackend, KVCapacityError, pow2_bucket
 
 
 @dataclass
@@ -137,7 +137,7 @@ class WaveAttention(AttentionBackend):
     def plan_decode(self, seq_ids):
         states = [self.seqs[s] for s in seq_ids]
         H = self.cfg.num_kv_heads
-        S = min(1 << max(st.slot for st in states).bit_length(), self.pools.slots)
+        S = min(pow2_bucket(max(st.slot for st in states) + 1), self.pools.slots)
         steady = torch.zeros(S, dtype=torch.int32)
         counts = torch.zeros(S, dtype=torch.int32)
         base = torch.zeros(S, dtype=torch.long)

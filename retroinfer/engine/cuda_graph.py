@@ -1,14 +1,12 @@
-"""CUDA graphs of a stage's decode step. At batch 1 a decode step is ~1,500 small kernels whose
-launch costs more than the GPU work; a replayed graph launches them all at once. One graph per
+"""CUDA graphs of a stage's decode step. At batch 1 a decode step is a few hundred small kernels
+whose launch costs more than the GPU work; a replayed graph launches them all at once. One graph per
 (batch bucket, the backend's `graph_key`); padded rows read and write only the backend's scratch
 space and are dropped."""
 from __future__ import annotations
 
 import torch
 
-
-def bucket(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+from ..attention.base import pow2_bucket
 
 
 class _Graph:
@@ -34,7 +32,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
 
     def run(self, plan, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        key = (bucket(x.shape[0]), self.stage.backend.graph_key(plan))
+        key = (pow2_bucket(x.shape[0]), self.stage.backend.graph_key(plan))
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(key[0], plan, x, positions)

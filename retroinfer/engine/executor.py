@@ -8,6 +8,7 @@ import torch
 
 from ..attention import KVCapacityError
 from ..config import EngineConfig, ModelConfig
+from ..models.model import drain
 from .stage import Stage
 
 
@@ -53,10 +54,7 @@ class LocalExecutor:
             st.free(seq_id)
 
     def prefill(self, seq_id: Hashable, ids: torch.Tensor, progress: Callable[[int], None] | None = None):
-        x = ids
-        for st in self.stages:
-            x = st.prefill(seq_id, x, progress)
-        return x
+        return drain(self.prefill_steps(seq_id, ids, progress))
 
     def prefill_steps(self, seq_id: Hashable, ids: torch.Tensor, progress: Callable[[int], None] | None = None):
         """Generator form of `prefill`: yields between chunks, returns the last token's logits."""

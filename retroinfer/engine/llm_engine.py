@@ -126,11 +126,7 @@ class LLMEngine:
     def _reap_aborted(self) -> list[RequestOutput]:
         out = []
         if self._prefill is not None and self._prefill[0].aborted:
-            seq, steps, _ = self._prefill
-            steps.close()
-            self._prefill = None
-            self._finish(seq, "abort")
-            out.append(seq.output([], ""))
+            out.append(self._drop_prefill())
         for seq in [s for s in list(self.waiting) + self.running if s.aborted]:
             if seq in self.waiting:
                 self.waiting.remove(seq)
@@ -168,6 +164,14 @@ class LLMEngine:
         self._prefill = (seq, steps, time.perf_counter())
         return []
 
+    def _drop_prefill(self) -> RequestOutput:
+        """Ends the prefill in progress as aborted and frees its KV."""
+        seq, steps, _ = self._prefill
+        steps.close()
+        self._prefill = None
+        self._finish(seq, "abort")
+        return seq.output([], "")
+
     def _advance_prefill(self) -> list[RequestOutput] | None:
         """Runs the prefill in progress for up to `prefill_slice_s` while other sequences are
         decoding (to its end when none are). Returns None while it is unfinished."""
@@ -182,9 +186,7 @@ class LLMEngine:
         except StopIteration as done:
             logits = done.value
         except _Aborted:
-            self._prefill = None
-            self._finish(seq, "abort")
-            return [seq.output([], "")]
+            return [self._drop_prefill()]
         self._prefill = None
         self.last_step = {"prefill_tokens": len(seq.prompt_ids), "prefill_s": time.perf_counter() - t0}
         seq.phase = Phase.DECODE

@@ -59,7 +59,6 @@ class WavePools:
     def __init__(self, cfg: ModelConfig, layer_ids: range, device: torch.device, dtype: torch.dtype,
                  max_seqs: int, steady_cap: int, tokens: int, clusters: int, host_tokens: bool = False):
         H, D = cfg.num_kv_heads, cfg.head_dim
-        self.host_tokens = host_tokens
         self.slots, self.scratch = max_seqs + 1, 0
         self.tokens, self.clusters = RangeAllocator(tokens), RangeAllocator(clusters)
 
