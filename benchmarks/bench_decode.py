@@ -5,7 +5,9 @@
 
 Each batch size gets fresh sequences of `--context` prompt tokens (reduced where the KV of the
 batch does not fit, and said so). The roofline of a decode step is (weight bytes + KV bytes read)
-over the HBM bandwidth measured in this run."""
+over the HBM bandwidth measured in this run. With CUDA graphs, `replay_ms` is the GPU time of the
+step's graphs replayed back to back and `host_ms` = step_ms - replay_ms the host's share of a step
+(planning, copies, sampling, scheduling); `--profile` lists the kernels that take the GPU time."""
 from __future__ import annotations
 
 import argparse
@@ -35,11 +37,41 @@ def clustered_kv(layer: int, T: int, H: int, D: int, seed: int):
     return k.to(torch.bfloat16).transpose(0, 1), v.transpose(0, 1)
 
 
+def replay_ms(engine: LLMEngine, iters: int = 20) -> float | None:
+    """GPU time of the latest step's stage graphs replayed back to back, without the host's work
+    between steps (each replay rewrites the same KV slot with the same values). None without graphs."""
+    graphs = [st.graphs.last for st in engine.executor.stages if st.graphs is not None]
+    if len(graphs) != len(engine.executor.stages) or None in graphs:
+        return None
+    for g in graphs:
+        g.graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        for g in graphs:
+            g.graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def profile_steps(engine: LLMEngine, steps: int = 5, top: int = 15) -> None:
+    """torch.profiler over decode steps: the kernels that take the most GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    print(f"top {top} GPU kernels over {steps} decode steps (batch {len(engine.running)}):")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=top), flush=True)
+
+
 def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int,
-              synthesize: bool = False) -> dict:
+              synthesize: bool = False, profile: bool = False) -> dict:
     g = torch.Generator().manual_seed(seed)
     mc = engine.model_cfg
-    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
     prefill_s = []
     if not synthesize:   # compile every kernel of the prefill path before timing one
         engine.add_request(f"warm{batch}", list(range(1, 4097)), SamplingParams(max_tokens=1))
@@ -61,41 +93,57 @@ def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int
     for _ in range(3):                     # warm-up decode steps
         engine.step()
     torch.cuda.synchronize()
+    for st in engine.executor.stages:
+        st.backend.reset_metrics()
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / steps
+    stats = engine.stats()     # before the replays add to the counters
+    wave = {k: stats[k] for k in ("pcie_bytes_per_step", "cache_hit_ratio", "cache_row_hit_ratio") if k in stats}
+    if "pcie_bytes_per_step" in wave:
+        wave["pcie_gb_per_s"] = wave["pcie_bytes_per_step"] / step_s / 1e9
+    replay = replay_ms(engine)
+    if profile:
+        profile_steps(engine)
     for s in list(engine.running):
         engine.abort(s.request_id)
     engine.step()
     return {"batch": batch, "context": context, "prefill_s": None if synthesize else min(prefill_s),
-            "setup_s": sum(prefill_s), "step_ms": step_s * 1e3, "tokens_per_s": batch / step_s}
+            "setup_s": sum(prefill_s), "step_ms": step_s * 1e3, "tokens_per_s": batch / step_s,
+            "replay_ms": replay, "host_ms": None if replay is None else step_s * 1e3 - replay, **wave}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--attention", default="full", choices=["full", "wave"])
-    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--context", default="32768", help="comma-separated context lengths (a sweep)")
     ap.add_argument("--batches", default="1,4,16", help="comma-separated; 'max': the largest that fits")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--offload", action="store_true", help="wave: indexed KV in pinned host memory")
     ap.add_argument("--host-kv-gb", type=float, default=None)
+    ap.add_argument("--cache-fraction", type=float, default=WaveConfig.cache_fraction,
+                    help="offload: GPU cluster cache as a share of the host pool (0: none)")
     ap.add_argument("--synthesize", action="store_true",
                     help="write synthetic clustered prompt KV straight into the cache instead of prefilling")
     ap.add_argument("--graphs", default="both", choices=["on", "off", "both"],
                     help="CUDA-graph decode steps (where the backend allows): on, off, or both side by side")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over 5 decode steps of the last batch: the top 15 GPU kernels")
     ap.add_argument("--name", default=None, help="result file name (default decode_<attention>)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_decode needs a CUDA GPU")
     batches = [0 if b == "max" else int(b) for b in a.batches.split(",")]   # 0: the largest that fits
+    contexts = [int(c) for c in a.context.split(",")]
     bw = hbm_bandwidth()
     cfg = EngineConfig(model=a.model, attention=a.attention, dtype=a.dtype, device="cuda",
-                       max_batch=max(batches) or 16, max_model_len=a.context + a.steps + 64,
-                       prefill_chunk=8192, prefill_slice_s=None, wave=WaveConfig(), offload=a.offload,
+                       max_batch=max(batches) or 16, max_model_len=max(contexts) + a.steps + 64,
+                       prefill_chunk=8192, prefill_slice_s=None, wave=WaveConfig(cache_fraction=a.cache_fraction),
+                       offload=a.offload,
                        host_kv_budget_bytes=int(a.host_kv_gb * 2**30) if a.host_kv_gb else None)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
@@ -105,31 +153,34 @@ def main() -> None:
     capacity = engine.stats()["capacity_bytes"]
     graph_runners = {st: st.graphs for st in engine.executor.stages}
     rows = []
-    for b in batches:
-        per_token = engine.kv_bytes_for(1)
+    per_token = engine.kv_bytes_for(1)
+    for bi, (want, b) in enumerate((c, b) for c in contexts for b in batches):
         if b == 0:
-            b = min(cfg.max_batch, int(capacity * 0.97) // ((a.context + a.steps + 16) * per_token))
-        context = min(a.context, int(capacity * 0.97) // b // per_token - a.steps - 16)
+            b = min(cfg.max_batch, int(capacity * 0.97) // ((want + a.steps + 32) * per_token))
+        context = min(want, int(capacity * 0.97) // max(b, 1) // per_token - a.steps - 32)
         context = context // 1024 * 1024
-        if context < 1024:
-            rows.append({"batch": b, "skipped": "KV does not fit"})
+        if b == 0 or context < 1024:
+            rows.append({"batch": b, "context": want, "skipped": "KV does not fit"})
             continue
-        for graphs in ([True, False] if a.graphs == "both" else [a.graphs == "on"]):
+        modes = [True, False] if a.graphs == "both" else [a.graphs == "on"]
+        for graphs in modes:
             for st in engine.executor.stages:
                 st.graphs = graph_runners[st] if graphs else None
-            r = run_batch(engine, b, context, a.steps, seed=b, synthesize=a.synthesize)
-            r.update({k: v for k, v in engine.stats().items() if k.startswith("pcie")})
+            r = run_batch(engine, b, context, a.steps, seed=b, synthesize=a.synthesize,
+                          profile=a.profile and bi == len(batches) * len(contexts) - 1 and graphs == modes[0])
             kv_read = b * (context + a.steps // 2) * per_token
             roof_ms = (weight_bytes + kv_read) / bw * 1e3 if a.attention == "full" else None
             r.update(cuda_graphs=graphs and graph_runners[engine.executor.stages[0]] is not None,
                      roofline_ms=roof_ms, roofline_frac=roof_ms / r["step_ms"] if roof_ms else None,
-                     context_reduced=context < a.context)
+                     context_reduced=context < want)
             rows.append(r)
             print(r, flush=True)
-    table(rows, ["batch", "context", "cuda_graphs", "prefill_s", "setup_s", "step_ms", "roofline_ms",
-                 "roofline_frac", "tokens_per_s", "pcie_bytes_per_step"])
+    table(rows, ["batch", "context", "cuda_graphs", "prefill_s", "setup_s", "step_ms", "replay_ms", "host_ms",
+                 "roofline_ms", "roofline_frac", "tokens_per_s", "pcie_gb_per_s", "cache_hit_ratio",
+                 "cache_row_hit_ratio"])
     write_result(a.name or f"decode_{a.attention}", {
         "model": a.model, "attention": a.attention, "offload": a.offload, "synthesized_kv": a.synthesize,
+        "cache_fraction": a.cache_fraction if a.offload else None,
         "dtype": a.dtype, "hbm_bytes_per_s": bw,
         "weight_bytes": weight_bytes, "kv_bytes_per_token": engine.kv_bytes_for(1), "load_s": load_s,
         "kv_capacity_bytes": capacity, "rows": rows})

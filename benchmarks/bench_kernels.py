@@ -8,6 +8,7 @@ command line.
 
     python benchmarks/bench_kernels.py            # full run (a few minutes)
     python benchmarks/bench_kernels.py --quick    # fewer sizes, shorter timing
+    python benchmarks/bench_kernels.py --only estimate_decode
 """
 
 from __future__ import annotations
@@ -118,6 +119,52 @@ def bench_weighted_decode(K, m, quick):
     return rows
 
 
+def bench_estimate_decode(K, m, quick):
+    """The estimation zone of a wave decode step, C clusters per sequence, S slots: estimate_decode
+    reading the cluster pool in place vs the path it replaces (WaveAttention._assemble's torch
+    gathers of centroids / value means / log sizes into an [S, H, E, D] buffer, then
+    weighted_decode), timed as torch_ms; merge_ms adds the merge_states the new path needs."""
+    from retroinfer.config import WaveConfig
+
+    rows = []
+    for S, C in ([(8, 8192)] if quick else [(8, 8192), (1, 65536), (8, 65536)]):
+        r, e = WaveConfig().zone_sizes(C)
+        R, E = -(-r // 16) * 16, -(-e // 64) * 64                 # the plan's caps
+        q = torch.randn(S, HKV, G, D, device="cuda", dtype=DT)
+        cen = torch.randn(HKV, S * C, D, device="cuda", dtype=DT)
+        vm = torch.randn_like(cen)
+        ls = torch.rand(HKV, S * C, device="cuda") * 4
+        top = torch.rand(S, HKV, C, device="cuda").topk(R + E, dim=-1).indices   # local ids, ranked
+        base = torch.arange(S, device="cuda") * C
+        retrieve = torch.full((S,), r, device="cuda")
+        estimate = torch.full((S,), e, device="cuda")
+        lens = torch.full((S, HKV), E, device="cuda", dtype=torch.int32)
+        other = (torch.randn(S, HKV, G, D, device="cuda"), torch.randn(S, HKV, G, device="cuda"))
+        scale = D ** -0.5
+
+        def new():
+            return K.estimate_decode(q, cen, vm, ls, top, estimate, scale, base=base, start=retrieve, width=E)
+
+        def old():
+            k_x = torch.empty(S, HKV, E, D, device="cuda", dtype=DT)
+            v_x = torch.empty_like(k_x)
+            log_w = torch.empty(S, HKV, E, device="cuda")
+            j = torch.arange(E, device="cuda")
+            ids = top.gather(2, (retrieve[:, None, None] + j).clamp(max=top.shape[-1] - 1).expand(S, HKV, E)) \
+                + base[:, None, None]
+            sel = ids[..., None].expand(-1, -1, -1, D)
+            k_x[:] = cen[None].expand(S, -1, -1, -1).gather(2, sel)
+            v_x[:] = vm[None].expand(S, -1, -1, -1).gather(2, sel)
+            log_w[:] = torch.where(j < estimate[:, None, None], ls[None].expand(S, -1, -1).gather(2, ids),
+                                   float("-inf"))
+            return K.weighted_decode(q, k_x, v_x, lens, log_w, scale)
+
+        nbytes = S * HKV * e * (2 * D * cen.element_size() + top.element_size() + 4)
+        rows.append(m({"kernel": "estimate_decode", "config": f"S={S} C={C} E={e}", "bytes": nbytes},
+                      new, old, merge=lambda: K.merge_states(*other, *new())))
+    return rows
+
+
 def bench_centroid_scores(K, m, quick):
     rows = []
     for B, C in ([(1, 8192), (1, 65536)] if quick else [(1, 8192), (1, 65536), (8, 8192)]):
@@ -167,6 +214,7 @@ def bench_gather(K, m, quick):
 
 
 BENCHES = {"paged_decode": bench_paged_decode, "weighted_decode": bench_weighted_decode,
+           "estimate_decode": bench_estimate_decode,
            "centroid_scores": bench_centroid_scores, "kmeans": bench_kmeans, "gather": bench_gather}
 
 

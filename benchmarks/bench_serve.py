@@ -78,6 +78,9 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--token-ids", action="store_true", help="send the prompt as token ids (exact length)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="requests sent one by one before timing (the first compiles kernels, captures graphs)")
+    p.add_argument("--name", default="serve", help="result file name prefix")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     a = p.parse_args()
 
@@ -95,6 +98,9 @@ def main() -> int:
         serve.run(build_app(cfg), blocking=False, name="retroinfer", route_prefix="/")
         url, started = "http://127.0.0.1:8000", True
     try:
+        warm = []
+        if a.warmup:
+            warm = asyncio.run(run(url, argparse.Namespace(**vars(a) | {"requests": a.warmup, "concurrency": 1})))
         t0 = time.perf_counter()
         results = asyncio.run(run(url, a))
         s = summarize(results, time.perf_counter() - t0)
@@ -115,8 +121,8 @@ def main() -> int:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "config": a.config if started else None, "params": vars(a) | {"out": str(a.out)}}
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"serve_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"meta": meta, "summary": s, "requests": results}, indent=1))
+    path = a.out / f"{a.name}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"meta": meta, "summary": s, "requests": results, "warmup": warm}, indent=1))
     print(f"wrote {path}")
     return 0
 

@@ -12,7 +12,8 @@ from .paged_decode import paged_decode, paged_decode_ref
 from .rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_ref
 from .swiglu import silu_mul, silu_mul_ref
-from .weighted_decode import merge_states, weighted_decode, weighted_decode_ref
+from .weighted_decode import (estimate_decode, estimate_decode_ref, merge_states, weighted_decode,
+                              weighted_decode_ref)
 
 __all__ = [
     "centroid_scores", "centroid_scores_ref",
@@ -22,5 +23,5 @@ __all__ = [
     "add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref",
     "apply_rope", "apply_rope_ref", "rope_ref",
     "silu_mul", "silu_mul_ref",
-    "merge_states", "weighted_decode", "weighted_decode_ref",
+    "estimate_decode", "estimate_decode_ref", "merge_states", "weighted_decode", "weighted_decode_ref",
 ]

@@ -9,6 +9,11 @@ cluster-sorted ``src``. For the selected ``cluster_ids[h, 0..R)`` (in that order
     lengths[h] = min(sum_r n_r, Lmax - dst_start)                   (rows written)
 
 A negative cluster id selects nothing (size 0), so callers may pad ``cluster_ids`` with -1.
+With a GPU cluster cache (``gather_clusters_cached``), a cluster cached in slot ``s`` reads its
+first ``SLOT_ROWS`` rows from ``cache[h, s]`` instead of ``src``, and a missed cluster given a victim
+slot ``w`` also writes its first ``SLOT_ROWS`` rows to ``cache[h, w]`` as it copies them: admission
+rides on the gather, no second pass over the execution buffer.
+
 Triton: one launch, grid ``(Hkv, R / CHUNK)``; each program recomputes its head's sizes and
 exclusive prefix sums from ``cluster_ids`` and ``offsets`` (``tl.cumsum`` over R), then copies its
 CHUNK clusters' rows in tiles of 16 (no torch ops, no host sync: CUDA-graph safe).
@@ -25,11 +30,14 @@ from ._triton_util import (FLOAT_DTYPES, cdiv, check_last_contiguous, lazy_jit, 
 @lazy_jit
 def _gather_clusters_kernel(
     sk_ptr, sv_ptr, off_ptr, cid_ptr, len_ptr, dk_ptr, dv_ptr,
+    ck_ptr, cv_ptr, rslot_ptr, wslot_ptr, host_ptr,
     stride_skh, stride_skn, stride_svh, stride_svn,
     stride_oh, stride_ch,
     stride_dkh, stride_dkn, stride_dvh, stride_dvn,
+    stride_cah, stride_cas,
     R, C, L_MAX, D, dst_start, HEADS,
     CHUNK: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_CACHE: tl.constexpr, SLOT_ROWS: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)      # row of cluster_ids / dst / lengths
     hs = h % HEADS                         # row of src / offsets (batched: (b, h) -> h)
@@ -46,6 +54,12 @@ def _gather_clusters_kernel(
     excl = tl.cumsum(sizes, axis=0) - sizes
     if chunk == 0:
         tl.store(len_ptr + h, tl.minimum(tl.sum(sizes, axis=0), L_MAX - dst_start))
+    if HAS_CACHE:   # slots are [rows, R] int32 like the ids; -1: not cached / not admitted
+        rslot = tl.load(rslot_ptr + h * stride_ch + offs, mask=offs < R, other=-1)
+        wslot = tl.load(wslot_ptr + h * stride_ch + offs, mask=offs < R, other=-1)
+        if chunk == 0:   # rows this gather reads from the source pool (over PCIe when it is host memory)
+            host = tl.where(rslot >= 0, tl.maximum(sizes - SLOT_ROWS, 0), sizes)
+            tl.store(host_ptr + h, tl.sum(host, axis=0))
 
     offs_r = tl.arange(0, BLOCK_ROWS)
     offs_d = tl.arange(0, BLOCK_D)
@@ -55,15 +69,29 @@ def _gather_clusters_kernel(
         n = tl.sum(tl.where(sel, sizes, 0), axis=0)
         src0 = tl.sum(tl.where(sel, lo, 0), axis=0)
         dst0 = dst_start + tl.sum(tl.where(sel, excl, 0), axis=0)
+        if HAS_CACHE:
+            rs = tl.sum(tl.where(sel, rslot, 0), axis=0).to(tl.int64)
+            ws = tl.sum(tl.where(sel, wslot, 0), axis=0).to(tl.int64)
         for i in range(0, n, BLOCK_ROWS):
             rows = i + offs_r
             m = ((rows < n) & (dst0 + rows < L_MAX))[:, None] & dmask[None, :]
             src_rows = (src0 + rows).to(tl.int64)[:, None]
             dst_rows = (dst0 + rows).to(tl.int64)[:, None]
-            k = tl.load(sk_ptr + hs * stride_skh + src_rows * stride_skn + offs_d[None, :], mask=m)
-            v = tl.load(sv_ptr + hs * stride_svh + src_rows * stride_svn + offs_d[None, :], mask=m)
+            src_k = sk_ptr + hs * stride_skh + src_rows * stride_skn + offs_d[None, :]
+            src_v = sv_ptr + hs * stride_svh + src_rows * stride_svn + offs_d[None, :]
+            if HAS_CACHE:   # SLOT_ROWS is a multiple of BLOCK_ROWS: a tile is all cache or all source
+                cache_rows = hs * stride_cah + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+                if (rs >= 0) & (i < SLOT_ROWS):
+                    src_k = ck_ptr + rs * stride_cas + cache_rows
+                    src_v = cv_ptr + rs * stride_cas + cache_rows
+            k = tl.load(src_k, mask=m)
+            v = tl.load(src_v, mask=m)
             tl.store(dk_ptr + h * stride_dkh + dst_rows * stride_dkn + offs_d[None, :], k, mask=m)
             tl.store(dv_ptr + h * stride_dvh + dst_rows * stride_dvn + offs_d[None, :], v, mask=m)
+            if HAS_CACHE:
+                if (ws >= 0) & (i < SLOT_ROWS):
+                    tl.store(ck_ptr + ws * stride_cas + cache_rows, k, mask=m)
+                    tl.store(cv_ptr + ws * stride_cas + cache_rows, v, mask=m)
 
 
 def _plan(offsets, cluster_ids):
@@ -129,26 +157,31 @@ def gather_clusters(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Ten
     return _launch(src_k, src_v, offsets, cluster_ids, dst_k, dst_v, dst_start, Hkv)
 
 
-def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int) -> torch.Tensor:
+def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int, cache=None):
     """One launch over `rows` = ids.shape[0] destination rows; row x reads source head x % heads.
-    ids [rows, R]; dst [rows, Lmax, D]. Returns lengths [rows] int32."""
+    ids [rows, R]; dst [rows, Lmax, D]; cache: (cache_k, cache_v, read_slot, write_slot) or None.
+    Returns lengths [rows] int32 (and, with a cache, the rows read from the source [rows] int32)."""
     rows, R = ids.shape
     Lmax, D = dst_k.shape[1], dst_k.shape[2]
     lengths = torch.zeros(rows, dtype=torch.int32, device=dst_k.device)
+    host = torch.zeros(rows, dtype=torch.int32, device=dst_k.device) if cache is not None else lengths
     if rows * R == 0:
-        return lengths
+        return lengths if cache is None else (lengths, host)
+    ck, cv, rslot, wslot = cache if cache is not None else (dst_k, dst_v, ids, ids)
     # clusters per program: about 4 waves of programs over the GPU
     chunk = min(16, next_pow2(max(1, rows * R // (4 * num_sms(dst_k.device)))))
     _gather_clusters_kernel[(rows, cdiv(R, chunk))](
-        src_k, src_v, offsets, ids, lengths, dst_k, dst_v,
+        src_k, src_v, offsets, ids, lengths, dst_k, dst_v, ck, cv, rslot, wslot, host,
         src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1),
         offsets.stride(0), ids.stride(0),
         dst_k.stride(0), dst_k.stride(1), dst_v.stride(0), dst_v.stride(1),
+        ck.stride(0) if cache is not None else 0, ck.stride(1) if cache is not None else 0,
         R, offsets.shape[1] - 1, Lmax, D, int(dst_start), heads,
         CHUNK=chunk, BLOCK_SEL=next_pow2(max(R, 2)), BLOCK_ROWS=16, BLOCK_D=max(16, next_pow2(D)),
+        HAS_CACHE=cache is not None, SLOT_ROWS=ck.shape[2] if cache is not None else 0,
         num_warps=4,
     )
-    return lengths
+    return lengths if cache is None else (lengths, host)
 
 
 def gather_clusters_batched(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Tensor,
@@ -180,4 +213,71 @@ def gather_clusters_batched(src_k: torch.Tensor, src_v: torch.Tensor, offsets: t
     return lengths.view(B, Hkv)
 
 
-__all__ = ["gather_clusters", "gather_clusters_batched", "gather_clusters_ref"]
+def gather_clusters_cached_ref(src_k, src_v, offsets, cluster_ids, cache_k, cache_v, read_slot, write_slot,
+                               dst_k, dst_v, dst_start: int):
+    """Plain-torch `gather_clusters_cached` (the CPU path and the test oracle)."""
+    B, Hkv, R = cluster_ids.shape
+    slot_rows = cache_k.shape[2]
+    lengths = torch.zeros(B, Hkv, dtype=torch.int32, device=dst_k.device)
+    host = torch.zeros_like(lengths)
+    C = offsets.shape[1] - 1
+    for b in range(B):
+        for h in range(Hkv):
+            row = dst_start
+            for r in range(R):
+                c = int(cluster_ids[b, h, r])
+                if not 0 <= c < C:
+                    continue
+                lo, n = int(offsets[h, c]), int(offsets[h, c + 1] - offsets[h, c])
+                rs, ws = int(read_slot[b, h, r]), int(write_slot[b, h, r])
+                k, v = src_k[h, lo:lo + n].to(dst_k.device), src_v[h, lo:lo + n].to(dst_k.device)
+                if rs >= 0:
+                    m = min(n, slot_rows)
+                    k, v = torch.cat([cache_k[h, rs, :m], k[m:]]), torch.cat([cache_v[h, rs, :m], v[m:]])
+                    host[b, h] += n - m
+                else:
+                    host[b, h] += n
+                w = max(0, min(n, dst_k.shape[2] - row))
+                dst_k[b, h, row:row + w], dst_v[b, h, row:row + w] = k[:w], v[:w]
+                if ws >= 0:
+                    m = min(w, slot_rows)
+                    cache_k[h, ws, :m], cache_v[h, ws, :m] = k[:m], v[:m]
+                row += n
+            lengths[b, h] = min(row, dst_k.shape[2]) - dst_start
+    return lengths, host
+
+
+def gather_clusters_cached(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Tensor,
+                           cluster_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                           read_slot: torch.Tensor, write_slot: torch.Tensor,
+                           dst_k: torch.Tensor, dst_v: torch.Tensor, dst_start: int):
+    """`gather_clusters_batched` through a GPU cluster cache.
+
+    cache_k, cache_v: [Hkv, slots, SLOT_ROWS, D] contiguous (SLOT_ROWS a multiple of 16);
+    read_slot, write_slot: [B, Hkv, R] int32 — the slot holding a cluster's first SLOT_ROWS rows
+    (read them from there), the slot to admit a missed cluster into (write them there), or -1.
+    A write slot must not be read in the same call, and dst must hold every selected row (an
+    admitted cluster is copied whole). Returns (lengths, rows read from src) [B, Hkv] int32.
+    """
+    B, Hkv, R = cluster_ids.shape
+    D, Lmax = src_k.shape[2], dst_k.shape[2]
+    assert dst_k.shape == (B, Hkv, Lmax, D) and dst_k.is_contiguous() and dst_v.is_contiguous()
+    assert cache_k.shape[0] == Hkv and cache_k.shape[3] == D and cache_k.shape[2] % 16 == 0
+    assert cache_k.is_contiguous() and cache_v.is_contiguous() and cache_v.shape == cache_k.shape
+    assert read_slot.shape == write_slot.shape == cluster_ids.shape
+    zero_copy = dst_k.is_cuda and not src_k.is_cuda
+    if zero_copy:
+        assert src_k.is_pinned() and src_v.is_pinned(), "a host pool must be pinned for zero-copy reads"
+    elif not use_triton(src_k, src_v, dst_k, dst_v, cache_k, cache_v):
+        return gather_clusters_cached_ref(src_k, src_v, offsets, cluster_ids, cache_k, cache_v, read_slot,
+                                          write_slot, dst_k, dst_v, dst_start)
+    rows = B * Hkv
+    flat = (lambda t: t.reshape(rows, R).contiguous())
+    lengths, host = _launch(src_k, src_v, offsets, flat(cluster_ids), dst_k.view(rows, Lmax, D),
+                            dst_v.view(rows, Lmax, D), dst_start, Hkv,
+                            cache=(cache_k, cache_v, flat(read_slot.int()), flat(write_slot.int())))
+    return lengths.view(B, Hkv), host.view(B, Hkv)
+
+
+__all__ = ["gather_clusters", "gather_clusters_batched", "gather_clusters_cached", "gather_clusters_cached_ref",
+           "gather_clusters_ref"]

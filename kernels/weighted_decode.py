@@ -11,20 +11,25 @@ stores one centroid per cluster with ``log_w = log(size)``). A row with no valid
 
 Triton: split-K like ``paged_decode`` (grid ``(B * Hkv, num_splits)``, each row's keys split evenly
 from ``lengths`` on the device), then ``split_reduce.merge_splits``.
+
+``estimate_decode`` is the same math over the estimation zone read in place from the cluster pool:
+row ``(s, h)``'s keys, values and log weights are ``centroids[h, c]``, ``value_mean[h, c]``,
+``log_size[h, c]`` for the cluster ids ``c`` its id list names, so no execution buffer is built.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._triton_util import (FLOAT_DTYPES, check_last_contiguous, dot_precision, lazy_jit, next_pow2,
-                           pick_splits, tl, use_triton)
+from ._triton_util import (FLOAT_DTYPES, check_last_contiguous, dot_precision, interpret_requested,
+                           lazy_jit, next_pow2, pick_splits, tl, use_triton)
 from .split_reduce import merge_splits
 
 LOG2E = 1.4426950408889634
 
 # Launch parameters (keys per loop step, warps, pipeline depth, grid waves per SM).
 TUNE = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4}  # H100 sweep
+TUNE_ESTIMATE = dict(TUNE)  # estimate_decode: weighted_decode's until swept on the GPU
 
 
 @lazy_jit
@@ -79,6 +84,83 @@ def _weighted_decode_split_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all weights 0 so far
         alpha = tl.exp2(m_i - m_safe)
         pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    row = pid.to(tl.int64) * G + offs_g
+    tl.store(po_ptr + ((row * NUM_SPLITS + split) * D)[:, None] + offs_d[None, :], o,
+             mask=gmask[:, None] & dmask[None, :])
+    tl.store(pl_ptr + row * NUM_SPLITS + split, lse, mask=gmask)
+
+
+@lazy_jit
+def _estimate_decode_split_kernel(
+    q_ptr, c_ptr, vm_ptr, ls_ptr, ids_ptr, cnt_ptr, base_ptr, start_ptr, po_ptr, pl_ptr,
+    sm_scale_log2,
+    stride_qs, stride_qh, stride_qg,
+    stride_ch, stride_cn,
+    stride_vh, stride_vn,
+    stride_lh, stride_ln,
+    stride_is, stride_ih, stride_ik,
+    HKV, G, K, WIDTH, D, NUM_SPLITS,
+    HAS_BASE: tl.constexpr, HAS_START: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    s = (pid // HKV).to(tl.int64)
+    h = (pid % HKV).to(tl.int64)
+    r0 = 0
+    if HAS_START:
+        r0 = tl.load(start_ptr + s).to(tl.int32)
+    n = tl.load(cnt_ptr + s).to(tl.int32)
+    n = tl.maximum(tl.minimum(tl.minimum(n, WIDTH), K - r0), 0)
+    n_blocks = tl.cdiv(n, BLOCK_N)
+    per = tl.cdiv(n_blocks, NUM_SPLITS)
+    blk_begin = split * per
+    blk_end = tl.minimum(blk_begin + per, n_blocks)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    gmask = offs_g < G
+    dmask = offs_d < D
+    q = tl.load(q_ptr + s * stride_qs + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:     # interpreter only: its bf16 tl.dot is wrong
+        q = q.to(tl.float32)
+    cbase = 0
+    if HAS_BASE:
+        cbase = tl.load(base_ptr + s).to(tl.int64)
+    id_row = ids_ptr + s * stride_is + h * stride_ih
+    c_row = c_ptr + h * stride_ch
+    v_row = vm_ptr + h * stride_vh
+    l_row = ls_ptr + h * stride_lh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for blk in range(blk_begin, blk_end):
+        idx = blk * BLOCK_N + offs_n
+        nmask = idx < n
+        cid = tl.load(id_row + (r0 + idx).to(tl.int64) * stride_ik, mask=nmask, other=0).to(tl.int64) + cbase
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(c_row + cid[:, None] * stride_cn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_row + cid[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        lw = tl.load(l_row + cid * stride_ln, mask=nmask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2 + lw[None, :] * 1.4426950408889634
+        sc = tl.where(nmask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all weights 0 so far
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(sc - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -166,6 +248,114 @@ def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     return out, lse
 
 
+def _check_estimate(q, centroids, value_mean, log_size, ids, count, base, start, width):
+    assert q.dim() == 4 and centroids.dim() == 3 and ids.dim() == 3, \
+        "q [S, Hkv, G, D], centroids / value_mean [Hkv, N, D], ids [S, Hkv, K]"
+    S, Hkv, G, D = q.shape
+    N = centroids.shape[1]
+    assert centroids.shape == (Hkv, N, D) and value_mean.shape == centroids.shape, \
+        (q.shape, centroids.shape, value_mean.shape)
+    assert log_size.shape == (Hkv, N) and log_size.dtype == torch.float32, (log_size.shape, log_size.dtype)
+    assert q.dtype in FLOAT_DTYPES and centroids.dtype in FLOAT_DTYPES and value_mean.dtype == centroids.dtype
+    K = ids.shape[2]
+    assert ids.shape[:2] == (S, Hkv) and not ids.is_floating_point(), (ids.shape, ids.dtype)
+    width = K if width is None else int(width)
+    assert 0 <= width <= K, (width, K)
+    for name, t in (("count", count), ("base", base), ("start", start)):
+        if t is not None:
+            assert t.shape == (S,) and not t.is_floating_point(), f"{name}: {t.shape} {t.dtype}"
+    devs = {t.device for t in (q, centroids, value_mean, log_size, ids, count, base, start) if t is not None}
+    assert len(devs) == 1, f"tensors on several devices: {devs}"
+    return S, Hkv, G, D, K, width
+
+
+def estimate_decode_ref(q, centroids, value_mean, log_size, ids, count, scale, *, base=None, start=None,
+                        width=None):
+    """Plain-torch ``estimate_decode``: gathers the rows, then ``weighted_decode_ref`` (fp32 math);
+    the CPU path and the test oracle."""
+    S, Hkv, G, D, K, width = _check_estimate(q, centroids, value_mean, log_size, ids, count, base, start, width)
+    dev = q.device
+    r0 = start.long() if start is not None else torch.zeros(S, dtype=torch.long, device=dev)
+    n = torch.minimum(count.long().clamp(max=width), K - r0).clamp(min=0)              # [S]
+    j = torch.arange(width, device=dev)
+    valid = (j[None, :] < n[:, None])[:, None, :]                                         # [S, 1, E]
+    pos = (r0[:, None] + j).clamp(0, max(K - 1, 0))[:, None, :].expand(S, Hkv, width)
+    cid = ids.gather(2, pos).long() if K else ids.new_zeros(S, Hkv, width).long()
+    if base is not None:
+        cid = cid + base.long()[:, None, None]
+    cid = torch.where(valid, cid, 0)                   # entries past the count are never looked up
+    hh = torch.arange(Hkv, device=dev)[None, :, None]
+    k, v, log_w = centroids[hh, cid], value_mean[hh, cid], log_size[hh, cid]
+    lengths = n.to(torch.int32)[:, None].expand(S, Hkv).contiguous()
+    return weighted_decode_ref(q.to(centroids.dtype), k, v, lengths, log_w, scale)
+
+
+def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.Tensor,
+                    log_size: torch.Tensor, ids: torch.Tensor, count: torch.Tensor, scale: float, *,
+                    base: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                    width: int | None = None,
+                    num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimation-zone attention read in place from the cluster pool (no gather, no buffer).
+
+    q: [S, Hkv, G, D]; centroids, value_mean: [Hkv, N, D] (the layer's pool, last dim contiguous);
+    log_size: [Hkv, N] float32; ids: [S, Hkv, K] int32/int64 cluster ids; count: [S] int;
+    base, start: [S] int or None (0). Row ``(s, h)`` has ``n_s = clamp(min(count[s], width,
+    K - start[s]), 0)`` entries; entry ``j < n_s`` is cluster
+
+        c = base[s] + ids[s, h, start[s] + j]
+
+    with key ``centroids[h, c]``, value ``value_mean[h, c]`` and log weight ``log_size[h, c]``.
+    Ids past ``n_s`` are never read (they may be garbage). Returns ``out [S, Hkv, G, D]`` fp32 and
+    ``lse [S, Hkv, G]`` fp32, exactly ``weighted_decode(q, K, V, n, log_w, scale)`` on the gathered
+    rows; ``n_s = 0`` gives out = 0, lse = -inf (``merge_states`` then ignores the zone).
+    The wave decode passes its topk ``top`` [S, Hkv, R + E] of local ids, ``base`` = first
+    cluster of the slot, ``start`` = retrieval count, ``count`` = estimation count, ``width`` = E.
+    ``width`` (default K) is the static cap that sizes the split grid (CUDA-graph safe: nothing is
+    read back to the host); q is cast to the pool dtype. ``num_splits`` overrides the split factor.
+    """
+    if not use_triton(q, centroids, value_mean, log_size, ids, count):
+        return estimate_decode_ref(q, centroids, value_mean, log_size, ids, count, scale, base=base,
+                                   start=start, width=width)
+    S, Hkv, G, D, K, width = _check_estimate(q, centroids, value_mean, log_size, ids, count, base, start, width)
+    q = q.to(centroids.dtype)
+    for name, t in (("q", q), ("centroids", centroids), ("value_mean", value_mean)):
+        check_last_contiguous(name, t)
+    count = count.contiguous()
+    base = base.contiguous() if base is not None else None
+    start = start.contiguous() if start is not None else None
+    BLOCK_N = TUNE_ESTIMATE["block_n"]
+    max_blocks = max(1, -(-width // BLOCK_N))
+    if num_splits is None:
+        num_splits = pick_splits(S * Hkv, max_blocks, q.device, TUNE_ESTIMATE["waves"])
+    num_splits = max(1, min(int(num_splits), max_blocks))
+    R = S * Hkv * G
+    out = torch.empty(S, Hkv, G, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(S, Hkv, G, device=q.device, dtype=torch.float32)
+    if R == 0:
+        return out, lse
+    part_out = torch.empty(R, num_splits, D, device=q.device, dtype=torch.float32)
+    part_lse = torch.empty(R, num_splits, device=q.device, dtype=torch.float32)
+    upcast = q.dtype == torch.bfloat16 and interpret_requested()
+    _estimate_decode_split_kernel[(S * Hkv, num_splits)](
+        q, centroids, value_mean, log_size, ids, count,
+        base if base is not None else count, start if start is not None else count,
+        part_out, part_lse,
+        float(scale) * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        centroids.stride(0), centroids.stride(1),
+        value_mean.stride(0), value_mean.stride(1),
+        log_size.stride(0), log_size.stride(1),
+        ids.stride(0), ids.stride(1), ids.stride(2),
+        Hkv, G, K, width, D, num_splits,
+        HAS_BASE=base is not None, HAS_START=start is not None, UPCAST=upcast,
+        BLOCK_N=BLOCK_N, BLOCK_G=max(16, next_pow2(G)), BLOCK_D=max(16, next_pow2(D)),
+        PRECISION="ieee" if upcast else dot_precision(q.dtype),
+        num_warps=TUNE_ESTIMATE["num_warps"], num_stages=TUNE_ESTIMATE["num_stages"],
+    )
+    merge_splits(part_out, part_lse, out.view(R, D), lse.view(R))
+    return out, lse
+
+
 def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
                  lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-sum-exp merge of two partial softmax states (torch; a few elementwise kernels).
@@ -189,4 +379,4 @@ def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     return out, m_safe + torch.log(sw)
 
 
-__all__ = ["weighted_decode", "weighted_decode_ref", "merge_states"]
+__all__ = ["estimate_decode", "estimate_decode_ref", "weighted_decode", "weighted_decode_ref", "merge_states"]

@@ -124,6 +124,8 @@ class WaveConfig:
     kmeans_iters: int = 10
     update_every: int = 1024           # decoded tokens that form one new segment
     update_clusters: int = 64          # clusters of that segment
+    cache_fraction: float = 0.05       # offload: GPU cache of retrieved clusters, share of the host pool
+    cache_slot_rows: int = 32          # rows of a cluster a cache slot holds (its head; the tail stays on host)
 
     def __post_init__(self):
         checks = [
@@ -137,6 +139,9 @@ class WaveConfig:
             (self.kmeans_iters >= 0, "kmeans_iters must be >= 0"),
             (self.update_every >= 1 and 1 <= self.update_clusters <= self.update_every,
              "update_every must be >= 1 and update_clusters in [1, update_every]"),
+            (0 <= self.cache_fraction < 1, "cache_fraction must be in [0, 1)"),
+            (self.cache_slot_rows >= 16 and self.cache_slot_rows % 16 == 0,
+             "cache_slot_rows must be a positive multiple of 16"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -71,3 +71,16 @@ def test_incremental_detokenizer_matches_full_decode(tmp_path):
         assert full.startswith(out) and len(full) - len(out) <= 3   # at most an unfinished UTF-8 tail held back
         if not full.endswith("\ufffd"):
             assert out == full
+
+
+def test_byte_tokenizer_streams_every_large_vocab_token():
+    """Random-weight presets sample ids past the bytes: each still yields a text delta (clients
+    and benchmarks time tokens by their deltas)."""
+    from retroinfer.engine.tokenizer import ByteTokenizer, IncrementalDetokenizer
+
+    detok, ids = IncrementalDetokenizer(ByteTokenizer()), []
+    deltas = []
+    for t in [104, 300, 127000, 0xC3, 0xA9, 257, 999]:
+        ids.append(t)
+        deltas.append(detok.delta(ids))
+    assert deltas == ["h", "\u2047", "\u2047", "", "\u00e9", "", "\u2047"]

@@ -343,6 +343,7 @@ class FakeJobs(http.server.BaseHTTPRequestHandler):
         if self.path == "/v1/models":
             return self.reply(200, {"object": "list", "data": [{"id": "qwen-test"}]})
         job = s["jobs"][self.path.rsplit("/", 1)[1]]
+        job["polled"] = True
         if not s["stall"]:
             phases = ["queued", "prefill", "decode", "failed" if "FAIL" in job["prompt"] else "done"]
             job["phase"] = phases[min(phases.index(job["phase"]) + 1, 3)]
@@ -409,7 +410,9 @@ def test_submit_jobs_cancels_in_flight_jobs_on_sigterm(jobs_server, tmp_path):
     (tmp_path / "prompts" / "a.txt").write_text("x")
     proc = submit_jobs(url, tmp_path)
     deadline = time.monotonic() + 30
-    while not state["jobs"] and time.monotonic() < deadline:
+    # Once the client polls the job it knows its id (a SIGTERM between the POST and its reply
+    # is a race the client cannot win: the id never reached it).
+    while not any(j.get("polled") for j in list(state["jobs"].values())) and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)

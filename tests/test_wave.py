@@ -119,10 +119,15 @@ def test_offloaded_pool_equals_gpu_resident_layout():
     resident = make_backend("wave", cfg, range(1), "cpu", torch.float32, 1 << 26, wave, max_seqs=2)
     offload = make_backend("wave", cfg, range(1), "cpu", torch.float32, 1 << 26, wave, max_seqs=2,
                            host_kv_budget_bytes=1 << 24)
-    assert offload.offload and offload.pools.keys[0].device.type == "cpu"
-    a, b = _decode_all(resident, T, steps, q, k, v), _decode_all(offload, T, steps, q, k, v)
-    assert torch.equal(a, b)
-    assert offload.stats()["pcie_bytes_per_step"] > 0
+    assert offload.offload and offload.pools.keys[0].device.type == "cpu" and offload.caches
+    for seq in ("s", "t"):      # the second reuses the first's pool ranges: its cached clusters must go
+        a, b = _decode_all(resident, T, steps, q, k, v, seq), _decode_all(offload, T, steps, q, k, v, seq)
+        assert torch.equal(a, b)
+        resident.free(seq)
+        offload.free(seq)
+        k, v = torch.randn_like(k), torch.randn_like(v)
+    st = offload.stats()
+    assert st["pcie_bytes_per_step"] > 0 and 0 < st["cache_hit_ratio"] < 1 and st["cache_bytes"] > 0
 
 
 def test_range_allocator_property():

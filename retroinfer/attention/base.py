@@ -69,6 +69,9 @@ class AttentionBackend(ABC):
     @abstractmethod
     def stats(self) -> dict: ...
 
+    def reset_metrics(self) -> None:
+        """Restart the per-step counters that `stats` reports (PCIe bytes, cache hits)."""
+
 
 def make_backend(name: str, cfg: ModelConfig, layer_ids: range, device, dtype,
                  kv_budget_bytes: int, wave: WaveConfig | None = None, max_seqs: int = 16,

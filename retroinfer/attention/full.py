@@ -1,9 +1,10 @@
 """Full attention over a paged KV cache (pages shared by id across this backend's layers)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable
 
+import numpy as np
 import torch
 
 from .base import AttentionBackend, KVCapacityError, pow2_bucket
@@ -30,90 +31,123 @@ class PageAllocator:
         self.free_pages.extend(reversed(pages))
 
 
+def _packed_size(batch: int, width: int) -> int:
+    return 2 * batch + -(-batch * (width + 1) // 2)
+
+
 @dataclass
 class PagedPlan:
+    """A decode step's plan for its first `rows` of `batch` rows (a power of two: padded rows, and
+    pages past a row's reservation, hold the scratch page). The four tensors view one flat int64
+    buffer, `packed` = [write_page | write_off | block_table and lengths as int32], so that the
+    whole plan moves in one copy. A step's plan is built in host memory (pinned on CUDA); `to`
+    copies it to the device for an eager step, `load_static_plan` into a CUDA graph's buffer."""
     seq_ids: list
-    block_table: torch.Tensor   # [B, max_pages] int32
-    lengths: torch.Tensor       # [B] int32, including the token this step appends
-    write_page: torch.Tensor    # [B] int64
-    write_off: torch.Tensor     # [B] int64
+    packed: torch.Tensor
+    batch: int
+    width: int                  # pages per row: a power of two, the CUDA graph's key
+    rows: int
+    block_table: torch.Tensor = field(init=False)   # [rows, width] int32
+    lengths: torch.Tensor = field(init=False)       # [rows] int32, including the token this step appends
+    write_page: torch.Tensor = field(init=False)    # [rows] int64
+    write_off: torch.Tensor = field(init=False)     # [rows] int64
+    _copy: PagedPlan | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        B, W, n = self.batch, self.width, self.rows
+        i32 = self.packed[2 * B:].view(torch.int32)
+        self.write_page, self.write_off = self.packed[:n], self.packed[B:B + n]
+        self.block_table, self.lengths = i32[:B * W].view(B, W)[:n], i32[B * W:B * W + n]
+
+    def to(self, device: torch.device) -> PagedPlan:
+        """This plan on `device` (one copy, made on the first call)."""
+        if self.packed.device == device:
+            return self
+        if self._copy is None:
+            self._copy = PagedPlan(self.seq_ids, self.packed.to(device, non_blocking=True),
+                                   self.batch, self.width, self.rows)
+        return self._copy
 
 
 class FullAttention(AttentionBackend):
     def __init__(self, cfg, layer_ids, device, dtype, kv_budget_bytes: int):
         super().__init__(cfg, layer_ids, device, dtype)
         num_pages = max(1, kv_budget_bytes // (self.bytes_per_token * PAGE))
-        self.scratch_page = num_pages          # never allocated: padded rows of a CUDA graph
+        self.scratch_page = num_pages          # never allocated: padding of plans and CUDA graphs
         shape = (num_pages + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
         self.k = {li: torch.empty(shape, device=self.device, dtype=dtype) for li in layer_ids}
         self.v = {li: torch.empty(shape, device=self.device, dtype=dtype) for li in layer_ids}
         self.pages = PageAllocator(num_pages)
-        self.seq_pages: dict[Hashable, list[int]] = {}
+        self.tables: dict[Hashable, np.ndarray] = {}   # a sequence's pages (host memory only)
         self.seq_len: dict[Hashable, int] = {}
-        self.tables: dict[Hashable, torch.Tensor] = {}
 
     def reserve(self, seq_id, num_tokens):
-        self.seq_pages[seq_id] = self.pages.alloc(-(-num_tokens // PAGE))
-        self.tables[seq_id] = torch.tensor(self.seq_pages[seq_id], dtype=torch.int32, device=self.device)
+        self.tables[seq_id] = np.array(self.pages.alloc(-(-num_tokens // PAGE)), dtype=np.int32)
         self.seq_len[seq_id] = 0
 
     def write_prefill(self, layer, seq_id, k, v, start):
         T = k.shape[0]
+        first = start // PAGE
+        pages = torch.from_numpy(self.tables[seq_id][first:-(-(start + T) // PAGE)])
         pos = torch.arange(start, start + T, device=self.device)
-        pages = self.tables[seq_id].long()[pos // PAGE]
-        self.k[layer][pages, pos % PAGE] = k
-        self.v[layer][pages, pos % PAGE] = v
+        # A pageable non-blocking copy is staged by the driver before it returns: no stream sync.
+        slot = pages.to(self.device, non_blocking=True).long()[pos // PAGE - first]
+        self.k[layer][slot, pos % PAGE] = k
+        self.v[layer][slot, pos % PAGE] = v
         if layer == self.layer_ids[-1]:
             self.seq_len[seq_id] = start + T
 
     def plan_decode(self, seq_ids):
-        lens = [self.seq_len[s] for s in seq_ids]
-        max_pages = max(-(-(n + 1) // PAGE) for n in lens)
-        table = torch.zeros(len(seq_ids), max_pages, dtype=torch.int32, device=self.device)
+        """Built on the host, padded to a power-of-two batch and width. The pinned buffer comes
+        fresh from torch's caching host allocator, which hands a block out again only once the
+        non-blocking copies recorded on it have completed: no step overwrites a plan in flight."""
+        n = len(seq_ids)
+        lens = np.fromiter((self.seq_len[s] for s in seq_ids), dtype=np.int64, count=n)
+        batch, width = pow2_bucket(n), pow2_bucket(-(-(int(lens.max()) + 1) // PAGE))
+        buf = torch.empty(_packed_size(batch, width), dtype=torch.int64,
+                          pin_memory=self.device.type == "cuda")
+        a = buf.numpy()
+        i32 = a[2 * batch:].view(np.int32)
+        table, lengths = i32[:batch * width].reshape(batch, width), i32[batch * width:batch * (width + 1)]
+        table.fill(self.scratch_page)
         for i, s in enumerate(seq_ids):
-            t = self.tables[s][:max_pages]
-            table[i, :t.numel()] = t
+            t = self.tables[s][:width]
+            table[i, :t.size] = t
             self.seq_len[s] += 1
-        pos = torch.tensor(lens, device=self.device)
-        rows = torch.arange(len(seq_ids), device=self.device)
-        return PagedPlan(seq_ids, table, (pos + 1).to(torch.int32),
-                         table[rows, pos // PAGE].long(), pos % PAGE)
+        lengths.fill(1)                        # padded rows: one scratch token each
+        lengths[:n] = lens + 1
+        a[:batch] = self.scratch_page          # write_page
+        a[:n] = table[np.arange(n), lens // PAGE]
+        a[batch:2 * batch] = 0                 # write_off
+        a[batch:batch + n] = lens % PAGE
+        return PagedPlan(list(seq_ids), buf, batch, width, n)
 
     def graph_key(self, plan: PagedPlan) -> int:
-        return pow2_bucket(plan.block_table.shape[1])
+        return plan.width
 
     def static_plan(self, batch: int, plan: PagedPlan) -> PagedPlan:
-        """Buffers a CUDA graph reads its plan from (see `load_static_plan`)."""
-        dev, width = self.device, self.graph_key(plan)
-        return PagedPlan([], torch.empty(batch, width, dtype=torch.int32, device=dev),
-                         torch.empty(batch, dtype=torch.int32, device=dev),
-                         torch.empty(batch, dtype=torch.long, device=dev),
-                         torch.empty(batch, dtype=torch.long, device=dev))
+        """The buffer a CUDA graph reads its plan from (see `load_static_plan`)."""
+        assert batch == plan.batch, (batch, plan.batch)
+        buf = torch.empty(plan.packed.shape, dtype=torch.int64, device=self.device)
+        return PagedPlan([], buf, batch, plan.width, batch)
 
     def load_static_plan(self, static: PagedPlan, plan: PagedPlan) -> None:
-        B, w = plan.block_table.shape
-        static.block_table.fill_(self.scratch_page)
-        static.block_table[:B, :w].copy_(plan.block_table)
-        static.lengths.fill_(1)
-        static.lengths[:B].copy_(plan.lengths)
-        static.write_page.fill_(self.scratch_page)
-        static.write_page[:B].copy_(plan.write_page)
-        static.write_off.zero_()
-        static.write_off[:B].copy_(plan.write_off)
+        """One host-to-device copy of the whole padded plan."""
+        static.packed.copy_(plan.packed, non_blocking=True)
 
     def decode(self, layer, plan: PagedPlan, q, k, v):
         from ..kernels.paged_decode import paged_decode
+        plan = plan.to(q.device)               # an eager step's host plan: copied on its first layer
         self.k[layer][plan.write_page, plan.write_off] = k
         self.v[layer][plan.write_page, plan.write_off] = v
         return paged_decode(q, self.k[layer], self.v[layer], plan.block_table, plan.lengths, self.scale)
 
     def free(self, seq_id):
-        self.pages.release(self.seq_pages.pop(seq_id, []))
-        self.tables.pop(seq_id, None)
+        self.pages.release(self.tables.pop(seq_id, np.empty(0, np.int32)).tolist())
         self.seq_len.pop(seq_id, None)
 
     def stats(self):
         page_bytes = self.bytes_per_token * PAGE
         used = self.pages.num_pages - len(self.pages.free_pages)
         return {"capacity_bytes": self.pages.num_pages * page_bytes, "used_bytes": used * page_bytes,
-                "sequences": len(self.seq_pages)}
+                "sequences": len(self.tables)}

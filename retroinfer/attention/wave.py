@@ -6,7 +6,9 @@ weighted entry: key = centroid, value = value mean, weight = size) — merged by
 Every sequence owns a steady-zone slot and ranges of the per-layer pools (wave/pools.py), so a
 decode step runs a fixed set of batched kernels over all slots (idle slots have zero lengths),
 whatever the batch: no per-sequence launches, no host synchronisation, capturable in a CUDA graph.
-Here the indexed KV stays on the GPU; the wave buffer moves it to host memory."""
+With offload (the wave buffer) the cluster-sorted KV lives in pinned host memory and a GPU
+cluster cache per layer (wave/cache.py) serves the retrieved clusters it holds; the gather reads
+the misses over PCIe and admits them into the cache on the way."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from typing import Hashable
 import torch
 
 from ..config import WaveConfig
+from ..wave.cache import ClusterCache
 from ..wave.index import ClusterIndex, build_index
 from ..wave.pools import WavePools
 from .base import AttentionBackend, KVCapacityError, pow2_bucket
@@ -44,7 +47,7 @@ class WavePlan:
     retrieve: torch.Tensor             # [S] int64 retrieval clusters
     estimate: torch.Tensor             # [S] int64 estimation clusters
     shape: tuple[int, int, int, int, int]   # (slots S, score width W, retrieval cap R, estimation
-                                            #  cap E, execution buffer rows)
+                                            #  cap E, execution buffer rows of the retrieved KV)
     updates: list = field(default_factory=list)   # SeqStates whose steady zone is full
 
 
@@ -69,9 +72,9 @@ class WaveAttention(AttentionBackend):
         gpu_free = kv_budget_bytes - steady
         if host_kv_budget_bytes is None:
             tokens = int(gpu_free / (self.bytes_per_token * (1 + self.cluster_ratio)))
-        else:
+        else:   # the GPU holds the meta-index and the cluster cache (cache_fraction of the tokens)
             tokens = min(host_kv_budget_bytes // self.bytes_per_token,
-                         int(gpu_free / (self.bytes_per_token * self.cluster_ratio)))
+                         int(gpu_free / (self.bytes_per_token * (self.cluster_ratio + 1.1 * wave.cache_fraction))))
         if tokens < wave.update_every:
             raise ValueError(f"KV budget of {kv_budget_bytes / 2**20:.1f} MiB (GPU) / "
                              f"{(host_kv_budget_bytes or 0) / 2**20:.1f} MiB (host) leaves no room for the "
@@ -80,7 +83,13 @@ class WaveAttention(AttentionBackend):
         self.offload = host_kv_budget_bytes is not None
         self.pools = WavePools(cfg, layer_ids, self.device, dtype, max_seqs, self.steady_cap, tokens, clusters,
                                host_tokens=self.offload)
-        self.gathered_rows = torch.zeros((), dtype=torch.long, device=self.device)   # rows over PCIe
+        self.caches: dict[int, ClusterCache] = {}
+        cache_slots = int(tokens * wave.cache_fraction) // wave.cache_slot_rows
+        if self.offload and cache_slots:
+            self.caches = {li: ClusterCache(cfg.num_kv_heads, cache_slots, wave.cache_slot_rows, clusters,
+                                            cfg.head_dim, dtype, self.device) for li in layer_ids}
+        # retrieved clusters, of them cache hits, rows gathered, of them read from the source pool
+        self.counters = torch.zeros(4, dtype=torch.long, device=self.device)
         self.steps = 0
         self.free_slots = list(range(max_seqs, 0, -1))      # slot 0: scratch (pools.scratch)
         self.seqs: dict[Hashable, SeqState] = {}
@@ -108,6 +117,8 @@ class WaveAttention(AttentionBackend):
     def free(self, seq_id):
         st = self.seqs.pop(seq_id, None)
         if st is not None:
+            for cache in self.caches.values():
+                cache.invalidate(st.cl0, st.cl0 + self.pools.clusters.taken[st.cl0])
             self.pools.tokens.release(st.tok0)
             self.pools.clusters.release(st.cl0)
             self.free_slots.append(st.slot)
@@ -152,7 +163,7 @@ class WaveAttention(AttentionBackend):
         K = min(_round_up(int(retrieve.max()), 16) + _round_up(int(estimate.max()), 64), W)
         R = min(_round_up(int(retrieve.max()), 16), K)
         E = min(_round_up(int(estimate.max()), 64), K)
-        rows = E + _round_up(R * self.max_cluster, 256) if R else 0
+        rows = _round_up(R * self.max_cluster, 256) if R else 0
         dev = self.device
         plan = WavePlan(
             seq_ids=list(seq_ids),
@@ -169,7 +180,7 @@ class WaveAttention(AttentionBackend):
         return plan
 
     def decode(self, layer, plan: WavePlan, q, k, v):
-        from ..kernels.weighted_decode import merge_states, weighted_decode
+        from ..kernels.weighted_decode import estimate_decode, merge_states, weighted_decode
 
         B, Hq, D = q.shape
         H = self.cfg.num_kv_heads
@@ -182,16 +193,20 @@ class WaveAttention(AttentionBackend):
         q_slots[plan.slots] = q.view(B, H, Hq // H, D)
         out, lse = weighted_decode(q_slots, ks, vs, plan.steady_len, None, self.scale)
         if plan.shape[4]:
-            k_x, v_x, log_w, lengths = self._assemble(layer, plan, q_slots)
-            out_i, lse_i = weighted_decode(q_slots, k_x, v_x, lengths, log_w, self.scale)
-            out, lse = merge_states(out, lse, out_i, lse_i)
+            top, k_x, v_x, lengths = self._assemble(layer, plan, q_slots)
+            out, lse = merge_states(out, lse, *weighted_decode(q_slots, k_x, v_x, lengths, None, self.scale))
+            E = plan.shape[3]
+            if E:   # ranks retrieve .. retrieve + estimate - 1 of each slot's top list, read in place
+                est = estimate_decode(q_slots, p.centroids[layer], p.value_mean[layer], p.log_size[layer], top,
+                                      plan.estimate, self.scale, base=plan.base, start=plan.retrieve, width=E)
+                out, lse = merge_states(out, lse, *est)
         return out[plan.slots].view(B, Hq, D).to(q.dtype)
 
     def _assemble(self, layer, plan: WavePlan, q_slots: torch.Tensor):
-        """Execution buffer of every slot: its estimation entries in rows [0, E) (weight -inf
-        past its own count), then its retrieved clusters' KV from row E."""
+        """Ranks every slot's clusters and gathers its retrieved clusters' KV into the execution
+        buffer. Returns the ranking (local ids [S, H, K]), the buffer and its rows per slot."""
         from ..kernels.centroid_scores import centroid_scores
-        from ..kernels.gather import gather_clusters_batched
+        from ..kernels.gather import gather_clusters_batched, gather_clusters_cached
 
         p, dev = self.pools, self.device
         H, D = self.cfg.num_kv_heads, self.cfg.head_dim
@@ -203,20 +218,18 @@ class WaveAttention(AttentionBackend):
         ret = torch.where(torch.arange(R, device=dev) < r_b, top[..., :R] + base, -1)
         k_x = torch.empty(S, H, rows, D, device=dev, dtype=self.dtype)
         v_x = torch.empty_like(k_x)
-        log_w = torch.zeros(S, H, rows, device=dev, dtype=torch.float32)
-        if E:
-            # A slot's estimation zone is ranks r_b .. r_b + e_b - 1 of its top list.
-            j = torch.arange(E, device=dev)
-            ids = top.gather(2, (r_b + j).clamp(max=top.shape[-1] - 1).expand(S, H, E)) + base
-            sel = ids[..., None].expand(-1, -1, -1, D)
-            k_x[:, :, :E] = p.centroids[layer][None].expand(S, -1, -1, -1).gather(2, sel)
-            v_x[:, :, :E] = p.value_mean[layer][None].expand(S, -1, -1, -1).gather(2, sel)
-            log_size = p.log_size[layer][None].expand(S, -1, -1).gather(2, ids)
-            log_w[:, :, :E] = torch.where(j < plan.estimate[:, None, None], log_size, float("-inf"))
-        n_ret = gather_clusters_batched(p.keys[layer], p.values[layer], p.offsets[layer], ret, k_x, v_x, E)
+        cache = self.caches.get(layer)
+        if cache is not None:
+            read, write, hit = cache.plan(ret)
+            n_ret, n_src = gather_clusters_cached(p.keys[layer], p.values[layer], p.offsets[layer], ret,
+                                                  cache.k, cache.v, read, write, k_x, v_x, 0)
+            hits = hit.sum()
+        else:
+            n_ret = gather_clusters_batched(p.keys[layer], p.values[layer], p.offsets[layer], ret, k_x, v_x, 0)
+            n_src, hits = n_ret, torch.zeros((), dtype=torch.long, device=dev)
         if self.offload:
-            self.gathered_rows += n_ret.sum()
-        return k_x, v_x, log_w, (n_ret + E).to(torch.int32)
+            self.counters += torch.stack([(ret >= 0).sum(), hits, n_ret.sum(), n_src.sum()])
+        return top, k_x, v_x, n_ret
 
     def finish_step(self, plan: WavePlan) -> None:
         """Index maintenance after the step: the oldest `update_every` decoded tokens past the
@@ -263,6 +276,10 @@ class WaveAttention(AttentionBackend):
         for name in ("steady_len", "counts", "base", "retrieve", "estimate"):
             getattr(static, name).copy_(getattr(plan, name))
 
+    def reset_metrics(self) -> None:
+        self.counters.zero_()
+        self.steps = 0
+
     def stats(self):
         p = self.pools
         bpt = self.bytes_per_token
@@ -272,7 +289,11 @@ class WaveAttention(AttentionBackend):
                "kv_footprint_bytes": {s: st.tokens * bpt for s, st in self.seqs.items()}}
         if self.offload:
             row = 2 * self.cfg.head_dim * torch.tensor([], dtype=self.dtype).element_size()
-            total = int(self.gathered_rows) * row
+            retrieved, hits, rows, src_rows = self.counters.tolist()
+            total = src_rows * row
             out.update(pcie_bytes_total=total, pcie_bytes_per_step=total / max(1, self.steps),
-                       host_pool_bytes=p.tokens.capacity * bpt)
+                       host_pool_bytes=p.tokens.capacity * bpt,
+                       cache_bytes=sum(c.k.numel() * 2 * c.k.element_size() for c in self.caches.values()),
+                       cache_hit_ratio=hits / retrieved if retrieved else None,
+                       cache_row_hit_ratio=1 - src_rows / rows if rows else None)
         return out

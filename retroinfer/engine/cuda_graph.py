@@ -19,6 +19,8 @@ class _Graph:
         self.out: torch.Tensor | None = None
 
     def load(self, backend, plan, x, positions) -> None:
+        """x and positions may be on the host (the copy then goes straight into the graph's
+        buffers; a pageable source is staged by the driver before the call returns)."""
         B = x.shape[0]
         self.x[:B].copy_(x, non_blocking=True)
         self.positions[:B].copy_(positions, non_blocking=True)
@@ -30,16 +32,22 @@ class DecodeGraphs:
         self.stage = stage
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.last: _Graph | None = None    # the graph of the latest step (benchmarks replay it alone)
 
     def run(self, plan, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The step's output is a view of the graph's output buffer, valid until this stage's next
+        step (whose replay rewrites it): not cloned, because every consumer is done with it by
+        then, in stream order or on the host: the next stage copies it into its own input, the
+        sampler reduces it and reads the tokens back (`.tolist()`), a Ray stage copies it to the
+        host. A caller that keeps a step's output across steps must clone it."""
         key = (pow2_bucket(x.shape[0]), self.stage.backend.graph_key(plan))
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(key[0], plan, x, positions)
-        B = x.shape[0]
         g.load(self.stage.backend, plan, x, positions)
         g.graph.replay()
-        return g.out[:B].clone()
+        self.last = g
+        return g.out[:x.shape[0]]
 
     def _capture(self, batch: int, plan, x, positions) -> _Graph:
         g = _Graph(self.stage, batch, plan, x)

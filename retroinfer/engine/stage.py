@@ -80,13 +80,13 @@ class Stage:
             return self.shard.logits(x[-1:]) if self.last else x
 
     def decode(self, seq_ids: list, x: torch.Tensor, positions: torch.Tensor):
-        """x: ids [B] or hidden [B, H]; returns hidden, or logits [B, V] on the last stage."""
+        """x: ids [B] or hidden [B, H]; returns hidden, or logits [B, V] on the last stage (with
+        CUDA graphs, valid until the next step: see `DecodeGraphs.run`)."""
         plan = self.backend.plan_decode(seq_ids)
-        x, positions = x.to(self.device), positions.to(self.device)
-        if self.graphs is not None:
+        if self.graphs is not None:        # copies x and positions into the graph's own buffers
             out = self.graphs.run(plan, x, positions)
         else:
-            out = self.decode_body(x, positions, plan)
+            out = self.decode_body(x.to(self.device), positions.to(self.device), plan)
         self.backend.finish_step(plan)
         return out
 

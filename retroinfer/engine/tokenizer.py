@@ -8,7 +8,9 @@ from ..config import ConfigError
 
 
 class ByteTokenizer:
-    """UTF-8 bytes are ids 0..255; 256 = <bos>, 257 = <eos>."""
+    """UTF-8 bytes are ids 0..255; 256 = <bos>, 257 = <eos>. The random-weight presets have larger
+    vocabularies: each id past the bytes decodes to "\u2047" (sentencepiece's unknown mark), so
+    every generated token streams as text, as a real tokenizer's would."""
     bos_id, eos_id = 256, 257
 
     @property
@@ -19,7 +21,17 @@ class ByteTokenizer:
         return [self.bos_id] + list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        out, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run.clear()
+            if i > self.eos_id:
+                out.append("\u2047")
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"

@@ -76,3 +76,40 @@ def test_gather_ref_naive():
         assert int(lens[h]) == len(rows)
         assert torch.equal(dst_k[h, dst_start:dst_start + len(rows)], src_k[h, rows])
         assert torch.equal(dst_v[h, dst_start:dst_start + len(rows)], src_v[h, rows])
+
+
+@pytest.mark.parametrize("device,dtype", [pytest.param("cpu", torch.float16, id="interp"),
+                                          pytest.param("cuda", torch.bfloat16, marks=GPU, id="cuda")])
+def test_gather_cached_matches_ref(device, dtype):
+    """Hits read their head rows from the cache (filled with other values than the pool, so the
+    source shows), misses with a write slot land in the cache, the source-row count is right."""
+    from retroinfer.kernels.gather import gather_clusters_cached, gather_clusters_cached_ref
+    B, Hkv, N, D, C, R, slots, slot_rows = 3, 2, 900, 64, 40, 7, 9, 16
+    g = gen("cpu", "gather-cached", dtype, (B, Hkv))
+    src_k = torch.randn(Hkv, N, D, generator=g).to(dtype)
+    src_v = torch.randn(Hkv, N, D, generator=g).to(dtype)
+    cuts = [torch.sort(torch.randperm(N - 1, generator=g)[:C - 1] + 1)[0] for _ in range(Hkv)]
+    offsets = torch.stack([torch.cat([torch.zeros(1).long(), c, torch.full((1,), N)]) for c in cuts]).int()
+    ids = torch.stack([torch.stack([torch.randperm(C, generator=g)[:R] for _ in range(Hkv)]) for _ in range(B)])
+    ids[0, :, -2:] = -1
+    perm = torch.stack([torch.stack([torch.randperm(slots, generator=g) for _ in range(Hkv)]) for _ in range(B)])
+    choice = torch.randint(0, 3, (B, Hkv, R), generator=g)          # 0: plain miss, 1: hit, 2: admit
+    slot = perm[..., :R] if R <= slots else None
+    read = torch.where(choice == 1, slot, -1).int()
+    write = torch.where(choice == 2, slot, -1).int()
+    for b in range(1, B):        # one batch row per slot set: no two rows of a head share a slot
+        read[b], write[b] = -1, -1
+    cache_k = torch.randn(Hkv, slots, slot_rows, D, generator=g).to(dtype)
+    cache_v = torch.randn(Hkv, slots, slot_rows, D, generator=g).to(dtype)
+    Lmax = 600
+    dst = [torch.full((B, Hkv, Lmax, D), SENTINEL, dtype=dtype) for _ in range(2)]
+    args = [src_k, src_v, offsets, ids, cache_k, cache_v, read, write, dst[0], dst[1], 5]
+    ref_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    if device == "cuda":
+        args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    lens, host = gather_clusters_cached(*args)
+    ref_lens, ref_host = gather_clusters_cached_ref(*ref_args)
+    assert torch.equal(lens.cpu(), ref_lens) and torch.equal(host.cpu(), ref_host)
+    for i in (4, 5, 8, 9):       # cache k/v, dst k/v
+        assert torch.equal(args[i].cpu(), ref_args[i]), i
+    assert (choice[0] == 1).any() and (choice[0] == 2).any()
