@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_offload_check.sh sweep   # Llama-3-8B: full attention vs RetroInfer by context
 # KV is synthesised straight into the cache (--synthesize): the prompts' prefill is not what is timed.
 set -u
+export PYTHONPATH=${PYTHONPATH:-}
 source benchmarks/gpu_env.sh >/dev/null
 export PYTHONUNBUFFERED=1
 B="python3 benchmarks/bench_decode.py --steps 24 --synthesize"
@@ -14,7 +15,7 @@ case "${1:-sweep}" in
   sweep)
     timeout 150 $B --attention full --context 32768,65536,122880 --batches max --graphs on --name sweep_full \
       | grep -v "^{"
-    timeout 300 $B --attention wave --offload --host-kv-gb 66 --context 32768,65536,122880 --batches max \
+    timeout 300 $B --attention wave --offload --host-kv-gb 62 --context 32768,65536,122880 --batches max \
       --graphs both --name sweep_wave_offload | grep -v "^{" ;;
 esac
 [ -n "${OUT:-}" ] && cp benchmarks/results/decode_1m_qwen7b_cache_* benchmarks/results/sweep_* "$OUT"/ 2>/dev/null

@@ -39,7 +39,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    gpus = set()
+    gpus, ticks = set(), set()
     for path in a.results:
         data = json.loads(path.read_text())
         gpus.add(data.get("env", {}).get("gpu", "?"))
@@ -48,10 +48,13 @@ def main() -> None:
             continue
         xs, ys = [c / 1024 for c, _ in pts], [r["tokens_per_s"] for _, r in pts]
         ax.plot(xs, ys, marker="o", label=label(data))
+        ticks.update(xs)
         for x, (_, r) in zip(xs, pts):
             ax.annotate(f"b{r['batch']}", (x, r["tokens_per_s"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
+    ax.minorticks_off()
     ax.set_xlabel("context (K tokens)")
     ax.set_ylabel("decode tokens/s (best batch)")
     ax.set_title(f"{data.get('model', '')} decode, {', '.join(sorted(gpus))}", fontsize=10)

@@ -155,3 +155,20 @@ def test_range_allocator_property():
     for s in list(live):
         a.release(s)
     assert a.free_ranges == [(0, 1000)]
+
+
+def test_host_pool_stays_within_its_budget():
+    """torch rounds each pinned request up to a power of two: the pool is carved from slabs and
+    sized so that what it pins, rounding included, stays within the budget."""
+    from retroinfer.wave.host_memory import pinned_bytes, slab_plan
+    G = 2**30
+    for count, nbytes in [(64, 66 * G // 64), (56, 57 * G // 56), (64, 62 * G // 64), (3, 1000), (1, 4096)]:
+        plan = slab_plan(count, nbytes)
+        assert sum(n for _, n in plan) == count
+        assert all(slab & (slab - 1) == 0 and n * nbytes <= slab for slab, n in plan)
+        assert pinned_bytes(count, nbytes) <= count * nbytes * 1.1 + 2 * nbytes
+    cfg = preset_config("random:llama3-8b")
+    wb = make_backend("wave", cfg, range(2), "cpu", torch.bfloat16, 1 << 30, WaveConfig(), max_seqs=2,
+                      host_kv_budget_bytes=3 << 26)
+    assert 0.85 * (3 << 26) <= wb.host_pinned_bytes <= 3 << 26
+    assert wb.stats()["host_pool_bytes"] <= wb.host_pinned_bytes

@@ -73,7 +73,7 @@ class WaveAttention(AttentionBackend):
         if host_kv_budget_bytes is None:
             tokens = int(gpu_free / (self.bytes_per_token * (1 + self.cluster_ratio)))
         else:   # the GPU holds the meta-index and the cluster cache (cache_fraction of the tokens)
-            tokens = min(host_kv_budget_bytes // self.bytes_per_token,
+            tokens = min(self._host_tokens(host_kv_budget_bytes, len(layer_ids)),
                          int(gpu_free / (self.bytes_per_token * (self.cluster_ratio + 1.1 * wave.cache_fraction))))
         if tokens < wave.update_every:
             raise ValueError(f"KV budget of {kv_budget_bytes / 2**20:.1f} MiB (GPU) / "
@@ -83,6 +83,11 @@ class WaveAttention(AttentionBackend):
         self.offload = host_kv_budget_bytes is not None
         self.pools = WavePools(cfg, layer_ids, self.device, dtype, max_seqs, self.steady_cap, tokens, clusters,
                                host_tokens=self.offload)
+        self.host_pinned_bytes = 0
+        if self.offload:
+            from ..wave.host_memory import pinned_bytes
+            n = 2 * len(layer_ids)
+            self.host_pinned_bytes = pinned_bytes(n, tokens * self.bytes_per_token // n)
         self.caches: dict[int, ClusterCache] = {}
         cache_slots = int(tokens * wave.cache_fraction) // wave.cache_slot_rows
         if self.offload and cache_slots:
@@ -94,6 +99,16 @@ class WaveAttention(AttentionBackend):
         self.free_slots = list(range(max_seqs, 0, -1))      # slot 0: scratch (pools.scratch)
         self.seqs: dict[Hashable, SeqState] = {}
         self.max_cluster = 0           # over all sequences and layers: sizes the gather buffer
+
+    def _host_tokens(self, budget: int, layers: int) -> int:
+        """The most tokens whose pinned K and V of every layer stay within `budget` bytes."""
+        from ..wave.host_memory import pinned_bytes
+        row = self.bytes_per_token // (2 * layers)          # one token of one layer's K (or V)
+        lo, hi = 0, budget // self.bytes_per_token
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if pinned_bytes(2 * layers, mid * row) <= budget else (lo, mid - 1)
+        return lo
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def _clusters_for(self, tokens: int) -> int:
@@ -293,6 +308,7 @@ class WaveAttention(AttentionBackend):
             total = src_rows * row
             out.update(pcie_bytes_total=total, pcie_bytes_per_step=total / max(1, self.steps),
                        host_pool_bytes=p.tokens.capacity * bpt,
+                       host_pinned_bytes=self.host_pinned_bytes,
                        cache_bytes=sum(c.k.numel() * 2 * c.k.element_size() for c in self.caches.values()),
                        cache_hit_ratio=hits / retrieved if retrieved else None,
                        cache_row_hit_ratio=1 - src_rows / rows if rows else None)

@@ -69,12 +69,13 @@ class WavePools:
         self.k_steady = per_layer((self.slots, H, steady_cap, D))
         self.v_steady = per_layer((self.slots, H, steady_cap, D))
         if host_tokens:   # the wave buffer's CPU pool: pinned, on the GPU's NUMA node
-            from .host_memory import pinned_empty
+            from .host_memory import pinned_tensors
             pin = device.type == "cuda"
-            alloc = (lambda: pinned_empty((H, tokens, D), dtype, device)) if pin else \
-                (lambda: torch.empty((H, tokens, D), dtype=dtype))
-            self.keys = {li: alloc() for li in layer_ids}
-            self.values = {li: alloc() for li in layer_ids}
+            n = 2 * len(layer_ids)
+            pool = pinned_tensors(n, (H, tokens, D), dtype, device) if pin else \
+                [torch.empty((H, tokens, D), dtype=dtype) for _ in range(n)]
+            self.keys = dict(zip(layer_ids, pool[0::2]))
+            self.values = dict(zip(layer_ids, pool[1::2]))
             self.copy_stream = torch.cuda.Stream(device) if pin else None
         else:
             self.keys = per_layer((H, tokens, D))
