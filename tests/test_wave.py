@@ -172,3 +172,19 @@ def test_host_pool_stays_within_its_budget():
                       host_kv_budget_bytes=3 << 26)
     assert 0.85 * (3 << 26) <= wb.host_pinned_bytes <= 3 << 26
     assert wb.stats()["host_pool_bytes"] <= wb.host_pinned_bytes
+
+
+def test_offload_metrics_sum_over_pipeline_stages():
+    """Two stages on CPU with the wave buffer: the engine's PCIe traffic and cache counts are the
+    sums of its stages', the hit ratio recomputed from them."""
+    cfg = EngineConfig(model="tiny", device="cpu", devices=("cpu", "cpu"), attention="wave", offload=True,
+                       host_kv_budget_bytes=1 << 24, kv_budget_bytes=1 << 26,
+                       wave=WaveConfig(**SMALL_WAVE))
+    eng = LLMEngine(cfg)
+    list(eng.generate(list(range(1, 255)) * 3, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)))
+    s = eng.stats()
+    per = s["stages"]
+    assert len(per) == 2 and all(p["retrieved_clusters"] > 0 for p in per)
+    for k in ("retrieved_clusters", "cache_hits", "pcie_bytes_total", "host_pinned_bytes"):
+        assert s[k] == sum(p[k] for p in per)
+    assert s["cache_hit_ratio"] == s["cache_hits"] / s["retrieved_clusters"]

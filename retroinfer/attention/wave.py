@@ -306,7 +306,8 @@ class WaveAttention(AttentionBackend):
             row = 2 * self.cfg.head_dim * torch.tensor([], dtype=self.dtype).element_size()
             retrieved, hits, rows, src_rows = self.counters.tolist()
             total = src_rows * row
-            out.update(pcie_bytes_total=total, pcie_bytes_per_step=total / max(1, self.steps),
+            out.update(retrieved_clusters=retrieved, cache_hits=hits, gathered_rows=rows, pcie_rows=src_rows,
+                       pcie_bytes_total=total, pcie_bytes_per_step=total / max(1, self.steps),
                        host_pool_bytes=p.tokens.capacity * bpt,
                        host_pinned_bytes=self.host_pinned_bytes,
                        cache_bytes=sum(c.k.numel() * 2 * c.k.element_size() for c in self.caches.values()),

@@ -73,11 +73,23 @@ class LocalExecutor:
         return merge_stage_stats([st.stats() for st in self.stages])
 
 
+ADDITIVE = ("retrieved_clusters", "cache_hits", "gathered_rows", "pcie_rows", "pcie_bytes_total",
+            "pcie_bytes_per_step", "host_pool_bytes", "host_pinned_bytes", "cache_bytes")
+
+
 def merge_stage_stats(per: list[dict]) -> dict:
-    """KV bytes summed over stages (a sequence fits only where every stage has room); other
-    numeric keys taken from the first stage that reports them; the stages' own dicts under "stages"."""
+    """KV bytes (a sequence fits only where every stage has room), PCIe traffic, pools and cache
+    counts summed over stages, hit ratios recomputed from the sums; other numeric keys taken from
+    the first stage that reports them; the stages' own dicts under "stages"."""
     out = {"capacity_bytes": sum(p["capacity_bytes"] for p in per),
            "used_bytes": sum(p["used_bytes"] for p in per), "stages": per}
+    for k in ADDITIVE:
+        if any(k in p for p in per):
+            out[k] = sum(p.get(k, 0) for p in per)
+    if out.get("retrieved_clusters"):
+        out["cache_hit_ratio"] = out["cache_hits"] / out["retrieved_clusters"]
+    if out.get("gathered_rows"):
+        out["cache_row_hit_ratio"] = 1 - out["pcie_rows"] / out["gathered_rows"]
     for p in per:
         for k, v in p.items():
             if k not in out and isinstance(v, (int, float)):

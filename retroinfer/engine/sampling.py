@@ -54,7 +54,16 @@ class Sampler:
         for i, p in enumerate(params):
             if not p.greedy:
                 out[i] = self._sample_row(logits[i], p, generators[i])
-        return out.tolist()
+        if not out.is_cuda:
+            return out.tolist()
+        # Wait for the step in Event.synchronize, which releases the GIL (a direct .tolist() holds
+        # it through the wait): the server's event loop streams the last tokens meanwhile.
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return host.tolist()
 
     @staticmethod
     def _sample_row(row: torch.Tensor, p: SamplingParams, g: torch.Generator) -> torch.Tensor:
