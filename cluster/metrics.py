@@ -21,7 +21,8 @@ class ReplicaMetrics:
         self.kv_outstanding = gauge("retroinfer_kv_outstanding_bytes", "KV bytes promised to admitted requests")
         self.prefill_tps = gauge("retroinfer_prefill_tokens_per_s", "Prefill throughput of the last prefill")
         self.decode_tps = gauge("retroinfer_decode_tokens_per_s", "Decode throughput of the last step")
-        self.hit_ratio = gauge("retroinfer_cache_hit_ratio", "GPU block-cache hit ratio (wave attention)")
+        self.hit_ratio = gauge("retroinfer_cache_hit_ratio",
+                               "Share of retrieved clusters found in the GPU cluster cache since start (wave buffer)")
         self.requests = Counter("retroinfer_requests_total", "Requests by outcome",
                                 tag_keys=keys + ("outcome",))
         self.requests.set_default_tags(self.tags)
