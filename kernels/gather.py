@@ -184,6 +184,14 @@ def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int
     return lengths if cache is None else (lengths, host)
 
 
+def _zero_copy(src_k, src_v, dst_k) -> bool:
+    """A host pool gathered onto the GPU: the kernel reads it over PCIe, so it must be pinned."""
+    if dst_k.is_cuda and not src_k.is_cuda:
+        assert src_k.is_pinned() and src_v.is_pinned(), "a host pool must be pinned for zero-copy reads"
+        return True
+    return False
+
+
 def gather_clusters_batched(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Tensor,
                             cluster_ids: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
                             dst_start: int) -> torch.Tensor:
@@ -198,10 +206,8 @@ def gather_clusters_batched(src_k: torch.Tensor, src_v: torch.Tensor, offsets: t
     B, Hkv, R = cluster_ids.shape
     D, Lmax = src_k.shape[2], dst_k.shape[2]
     assert dst_k.shape == (B, Hkv, Lmax, D) and dst_k.is_contiguous() and dst_v.is_contiguous()
-    zero_copy = dst_k.is_cuda and not src_k.is_cuda
-    if zero_copy:
-        assert src_k.is_pinned() and src_v.is_pinned(), "a host pool must be pinned for zero-copy reads"
-    elif not use_triton(src_k, src_v, dst_k, dst_v):
+    zero_copy = _zero_copy(src_k, src_v, dst_k)
+    if not zero_copy and not use_triton(src_k, src_v, dst_k, dst_v):
         return torch.stack([gather_clusters_ref(src_k, src_v, offsets, cluster_ids[b], dst_k[b], dst_v[b],
                                                 dst_start) for b in range(B)]) if B else \
             torch.zeros(0, Hkv, dtype=torch.int32, device=dst_k.device)
@@ -265,10 +271,7 @@ def gather_clusters_cached(src_k: torch.Tensor, src_v: torch.Tensor, offsets: to
     assert cache_k.shape[0] == Hkv and cache_k.shape[3] == D and cache_k.shape[2] % 16 == 0
     assert cache_k.is_contiguous() and cache_v.is_contiguous() and cache_v.shape == cache_k.shape
     assert read_slot.shape == write_slot.shape == cluster_ids.shape
-    zero_copy = dst_k.is_cuda and not src_k.is_cuda
-    if zero_copy:
-        assert src_k.is_pinned() and src_v.is_pinned(), "a host pool must be pinned for zero-copy reads"
-    elif not use_triton(src_k, src_v, dst_k, dst_v, cache_k, cache_v):
+    if not _zero_copy(src_k, src_v, dst_k) and not use_triton(src_k, src_v, dst_k, dst_v, cache_k, cache_v):
         return gather_clusters_cached_ref(src_k, src_v, offsets, cluster_ids, cache_k, cache_v, read_slot,
                                           write_slot, dst_k, dst_v, dst_start)
     rows = B * Hkv

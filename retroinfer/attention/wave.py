@@ -234,16 +234,16 @@ class WaveAttention(AttentionBackend):
         k_x = torch.empty(S, H, rows, D, device=dev, dtype=self.dtype)
         v_x = torch.empty_like(k_x)
         cache = self.caches.get(layer)
-        if cache is not None:
+        if cache is not None:      # (a cache implies offload)
             read, write, hit = cache.plan(ret)
             n_ret, n_src = gather_clusters_cached(p.keys[layer], p.values[layer], p.offsets[layer], ret,
                                                   cache.k, cache.v, read, write, k_x, v_x, 0)
-            hits = hit.sum()
+            self.counters += torch.stack([(ret >= 0).sum(), hit.sum(), n_ret.sum(), n_src.sum()])
         else:
             n_ret = gather_clusters_batched(p.keys[layer], p.values[layer], p.offsets[layer], ret, k_x, v_x, 0)
-            n_src, hits = n_ret, torch.zeros((), dtype=torch.long, device=dev)
-        if self.offload:
-            self.counters += torch.stack([(ret >= 0).sum(), hits, n_ret.sum(), n_src.sum()])
+            if self.offload:       # no cache: every gathered row crossed PCIe
+                rows = n_ret.sum()
+                self.counters += torch.stack([(ret >= 0).sum(), torch.zeros_like(rows), rows, rows])
         return top, k_x, v_x, n_ret
 
     def finish_step(self, plan: WavePlan) -> None:

@@ -33,10 +33,6 @@ class ClusterCache:
         self._none = torch.full((), -1, dtype=torch.int32, device=device)
         self._heads = torch.arange(heads, device=device)
 
-    @staticmethod
-    def bytes_needed(heads: int, slots: int, slot_rows: int, clusters: int, head_dim: int, elem: int) -> int:
-        return 2 * heads * slots * slot_rows * head_dim * elem + heads * (4 * clusters + 16 * slots)
-
     def plan(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids: [S, H, R] int64 cluster ids to gather this step (-1: none; no id twice per head).
         Marks the hits used, assigns the least recently used slots not hit this step to the misses
