@@ -11,6 +11,7 @@ from .kmeans import kmeans_assign, kmeans_assign_ref, kmeans_update, kmeans_upda
 from .paged_decode import paged_decode, paged_decode_ref
 from .rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_ref
+from .select import select_zones, select_zones_ref
 from .swiglu import silu_mul, silu_mul_ref
 from .weighted_decode import (estimate_decode, estimate_decode_ref, merge_states, weighted_decode,
                               weighted_decode_ref)
@@ -22,6 +23,7 @@ __all__ = [
     "paged_decode", "paged_decode_ref",
     "add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref",
     "apply_rope", "apply_rope_ref", "rope_ref",
+    "select_zones", "select_zones_ref",
     "silu_mul", "silu_mul_ref",
     "estimate_decode", "estimate_decode_ref", "merge_states", "weighted_decode", "weighted_decode_ref",
 ]

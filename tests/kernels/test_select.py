@@ -1,0 +1,95 @@
+"""select_zones: exact retrieval / estimation sets without a sort, checked against its torch
+reference (as sets per row) and against the ranks of torch.topk (as multisets of scores, which do
+not depend on how ties are broken)."""
+
+import pytest
+import torch
+from kernel_testutil import GPU, gen
+
+import retroinfer.kernels.select as sel
+from retroinfer.kernels import select_zones, select_zones_ref
+
+# (S, H, W, counts, retrieve, estimate, R, E, kind, num_splits, block); kind: "rand" uniform,
+# "ties" a few distinct values, "signed" normal with -0.0 / +0.0 / -inf among the valid entries.
+INTERP = [
+    (1, 1, 1, [1], [1], [0], 1, 0, "rand", None, 1024),
+    (2, 2, 300, [300, 257], [5, 0], [40, 257], 16, 257, "rand", 3, 64),       # r = 0; r + e = count
+    (3, 1, 1000, [1000, 17, 0], [18, 17, 3], [232, 0, 5], 32, 256, "ties", 2, 128),   # e = 0, count = 0
+    (2, 1, 777, [777, 500], [14, 9], [400, 491], 16, 512, "signed", 4, 64),   # W % block != 0
+    (4, 1, 2500, [2500, 1, 2499, 1300], [45, 1, 40, 24], [580, 0, 9, 301], 48, 640, "ties", None, 1024),
+    (1, 3, 600, [600], [100], [300], 64, 320, "rand", 2, 128),                 # retrieve > R: clipped
+]
+GPU_ONLY = [   # 128K context, batch 8 (W = 8192) and 1M context, batch 1 (W = 65536)
+    (8, 8, 8192, [8192, 0, 8000, 1, 4097, 8192, 8192, 2], [148, 0, 144, 1, 74, 148, 0, 1],
+     [1900, 0, 1856, 0, 950, 8044, 1900, 1], 160, 1920, "rand", None, 1024),
+    (8, 8, 8192, [8192] * 8, [148] * 8, [1900] * 8, 160, 1920, "ties", None, 1024),
+    (1, 8, 65536, [65536], [1180], [15204], 1184, 15232, "rand", None, 1024),
+    (2, 8, 65536, [65530, 40000], [1180, 720], [15203, 9280], 1184, 15232, "signed", 17, 2048),
+]
+PARAMS = ([pytest.param("cpu", c, id=f"interp-{i}") for i, c in enumerate(INTERP)]
+          + [pytest.param("cuda", c, marks=GPU, id=f"cuda-{i}") for i, c in enumerate(INTERP)]
+          + [pytest.param("cuda", c, marks=GPU, id=f"cuda-large-{i}") for i, c in enumerate(GPU_ONLY)])
+
+
+def make_case(device, case):
+    S, H, W, counts, retrieve, estimate, R, E, kind, _, _ = case
+    g = gen(device, "select", case)
+    if kind == "rand":
+        x = torch.rand(S, H, W, generator=g, device=device)
+    elif kind == "ties":
+        x = (torch.rand(S, H, W, generator=g, device=device) * 5).floor() / 4
+    else:
+        x = torch.randn(S, H, W, generator=g, device=device)
+        pick = torch.rand(S, H, W, generator=g, device=device)
+        x = torch.where(pick < 0.1, -0.0, torch.where(pick < 0.2, 0.0, x))
+        x = torch.where(pick > 0.97, float("-inf"), x)
+    cnt = torch.tensor(counts, dtype=torch.int32, device=device)
+    pad = torch.arange(W, device=device) >= cnt.long()[:, None, None]
+    x = x.masked_fill(pad, float("inf"))          # padding must never be selected, whatever it holds
+    return (x, cnt, torch.tensor(retrieve, device=device), torch.tensor(estimate, device=device), R, E)
+
+
+def as_sets(ids):
+    return [[set(row.tolist()) - {-1} for row in slot] for slot in ids.cpu()]
+
+
+@pytest.mark.parametrize("device,case", PARAMS)
+def test_select_matches_ref_and_topk(device, case, monkeypatch):
+    monkeypatch.setitem(sel.TUNE, "block", case[-1])
+    x, cnt, ret_n, est_n, R, E = make_case(device, case)
+    ret, est = select_zones(x, cnt, ret_n, est_n, R, E, num_splits=case[-2])
+    ref_ret, ref_est = select_zones_ref(x, cnt, ret_n, est_n, R, E)
+    assert ret.shape == (x.shape[0], x.shape[1], R) and est.shape == (x.shape[0], x.shape[1], E)
+    assert ret.dtype == est.dtype == torch.int32
+    assert as_sets(ret) == as_sets(ref_ret) and as_sets(est) == as_sets(ref_est)
+    S, H, W = x.shape
+    for s in range(S):
+        n = min(int(cnt[s]), W)
+        r = min(int(ret_n[s]), n, R)
+        e = min(int(est_n[s]), n - r, E)
+        for ids, k in ((ret[s], r), (est[s], e)):   # k valid ids first, then -1
+            assert (ids[:, :k] >= 0).all() and (ids[:, :k] < n).all() and (ids[:, k:] == -1).all()
+        if r + e == 0:
+            continue
+        top = x[s, :, :n].topk(r + e, dim=-1, sorted=True).values                   # [H, r + e]
+        for got, want in ((ret[s, :, :r], top[:, :r]), (est[s, :, :e], top[:, r:])):
+            vals = x[s].gather(1, got.long()).sort(dim=-1).values
+            assert torch.equal(vals, want.sort(dim=-1).values), (case[:3], s)
+        assert (torch.cat([ret[s, :, :r], est[s, :, :e]], -1).sort(-1).values.diff(dim=-1) > 0).all()
+
+
+def test_select_ref_tie_rule():
+    """Ties at a threshold go to the lower indices; -0.0 equals +0.0; padding is never taken."""
+    x = torch.tensor([[[0.5, 1.0, 0.5, -0.0, 0.5, 0.0, 2.0, 9.0]]])
+    ret, est = select_zones_ref(x, torch.tensor([7]), torch.tensor([2]), torch.tensor([4]), 3, 5)
+    assert ret.tolist() == [[[6, 1, -1]]]
+    assert est.tolist() == [[[0, 2, 4, 3, -1]]]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_select_is_deterministic(device):
+    """Same input, same output, position for position (the estimation sum order follows it)."""
+    x, cnt, ret_n, est_n, R, E = make_case(device, INTERP[2])
+    a = select_zones(x, cnt, ret_n, est_n, R, E, num_splits=2)
+    b = select_zones(x, cnt, ret_n, est_n, R, E, num_splits=2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
