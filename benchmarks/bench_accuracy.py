@@ -50,6 +50,7 @@ from common import environment, table, write_result  # noqa: E402
 from retroinfer.attention import make_backend  # noqa: E402
 from retroinfer.config import ModelConfig, WaveConfig  # noqa: E402
 from retroinfer.kernels.centroid_scores import centroid_scores  # noqa: E402
+from retroinfer.kernels.select import select_zones  # noqa: E402
 
 PAGE = 16
 SYSTEMS = ("full", "wave", "wave-noest", "quest")
@@ -187,15 +188,15 @@ def index_positions(ix, k_mid: torch.Tensor, v_mid: torch.Tensor) -> torch.Tenso
 
 def wave_zones(ix, cluster_of: torch.Tensor, q: torch.Tensor, r: int, e: int, scale: float):
     """Replay the backend's ranking for q [H, G, D] on its index: the same centroid scores and
-    top-k. Returns token masks [H, N] of the retrieved and the estimated clusters, and the
-    estimation entries (centroids, value means, log sizes) in the backend's order."""
+    zone selection. Returns token masks [H, N] of the retrieved and the estimated clusters, and
+    the estimation entries (centroids, value means, log sizes) in the backend's order."""
     counts = torch.full((1,), ix.num_clusters, dtype=torch.int32, device=q.device)
-    scores = centroid_scores(q[None], ix.centroids[None], counts, scale)[0]
-    top = scores.topk(r + e, dim=-1, sorted=True).indices
-    est = top[:, r:]
+    scores = centroid_scores(q[None], ix.centroids[None], counts, scale)
+    zone = [torch.full((1,), x, device=q.device) for x in (r, e)]
+    ret, est = (ids[0].long() for ids in select_zones(scores, counts, *zone, r, e))
     rows = est[..., None].expand(-1, -1, q.shape[-1])
     entries = (ix.centroids.gather(1, rows), ix.value_mean.gather(1, rows), ix.log_size.gather(1, est))
-    return _isin_rows(cluster_of, top[:, :r]), _isin_rows(cluster_of, est), entries
+    return _isin_rows(cluster_of, ret), _isin_rows(cluster_of, est), entries
 
 
 def _isin_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -308,8 +308,8 @@ def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.
     Ids past ``n_s`` are never read (they may be garbage). Returns ``out [S, Hkv, G, D]`` fp32 and
     ``lse [S, Hkv, G]`` fp32, exactly ``weighted_decode(q, K, V, n, log_w, scale)`` on the gathered
     rows; ``n_s = 0`` gives out = 0, lse = -inf (``merge_states`` then ignores the zone).
-    The wave decode passes its topk ``top`` [S, Hkv, R + E] of local ids, ``base`` = first
-    cluster of the slot, ``start`` = retrieval count, ``count`` = estimation count, ``width`` = E.
+    The wave decode passes ``select_zones``' estimation ids [S, Hkv, E] (local, -1 past the
+    count), ``base`` = first cluster of the slot, ``count`` = estimation count, ``width`` = E.
     ``width`` (default K) is the static cap that sizes the split grid (CUDA-graph safe: nothing is
     read back to the host); q is cast to the pool dtype. ``num_splits`` overrides the split factor.
     """

@@ -208,29 +208,30 @@ class WaveAttention(AttentionBackend):
         q_slots[plan.slots] = q.view(B, H, Hq // H, D)
         out, lse = weighted_decode(q_slots, ks, vs, plan.steady_len, None, self.scale)
         if plan.shape[4]:
-            top, k_x, v_x, lengths = self._assemble(layer, plan, q_slots)
+            est_ids, k_x, v_x, lengths = self._assemble(layer, plan, q_slots)
             out, lse = merge_states(out, lse, *weighted_decode(q_slots, k_x, v_x, lengths, None, self.scale))
             E = plan.shape[3]
-            if E:   # ranks retrieve .. retrieve + estimate - 1 of each slot's top list, read in place
-                est = estimate_decode(q_slots, p.centroids[layer], p.value_mean[layer], p.log_size[layer], top,
-                                      plan.estimate, self.scale, base=plan.base, start=plan.retrieve, width=E)
+            if E:   # the estimation zone's clusters (plan.estimate of them per slot), read in place
+                est = estimate_decode(q_slots, p.centroids[layer], p.value_mean[layer], p.log_size[layer], est_ids,
+                                      plan.estimate, self.scale, base=plan.base, width=E)
                 out, lse = merge_states(out, lse, *est)
         return out[plan.slots].view(B, Hq, D).to(q.dtype)
 
     def _assemble(self, layer, plan: WavePlan, q_slots: torch.Tensor):
-        """Ranks every slot's clusters and gathers its retrieved clusters' KV into the execution
-        buffer. Returns the ranking (local ids [S, H, K]), the buffer and its rows per slot."""
+        """Scores every slot's clusters, selects its retrieval and estimation zones (exact, no
+        sort) and gathers the retrieved clusters' KV into the execution buffer. Returns the
+        estimation zone (local ids [S, H, E], -1 past plan.estimate), the buffer and its rows per slot."""
         from ..kernels.centroid_scores import centroid_scores
         from ..kernels.gather import gather_clusters_batched, gather_clusters_cached
+        from ..kernels.select import select_zones
 
         p, dev = self.pools, self.device
         H, D = self.cfg.num_kv_heads, self.cfg.head_dim
         S, W, R, E, rows = plan.shape
         scores = centroid_scores(q_slots, p.centroids[layer], plan.counts, self.scale, base=plan.base, width=W)
-        top = scores.topk(min(R + E, W), dim=-1, sorted=True).indices          # [S, H, K] local ids
-        base = plan.base[:, None, None]
-        r_b = plan.retrieve[:, None, None]
-        ret = torch.where(torch.arange(R, device=dev) < r_b, top[..., :R] + base, -1)
+        # zone_sizes keeps retrieve + estimate <= counts, so the zones hold exactly those counts
+        ret, est = select_zones(scores, plan.counts, plan.retrieve, plan.estimate, R, E)
+        ret = torch.where(ret >= 0, ret + plan.base[:, None, None], -1)       # [S, H, R] pool ids
         k_x = torch.empty(S, H, rows, D, device=dev, dtype=self.dtype)
         v_x = torch.empty_like(k_x)
         cache = self.caches.get(layer)
@@ -242,9 +243,9 @@ class WaveAttention(AttentionBackend):
         else:
             n_ret = gather_clusters_batched(p.keys[layer], p.values[layer], p.offsets[layer], ret, k_x, v_x, 0)
             if self.offload:       # no cache: every gathered row crossed PCIe
-                rows = n_ret.sum()
-                self.counters += torch.stack([(ret >= 0).sum(), torch.zeros_like(rows), rows, rows])
-        return top, k_x, v_x, n_ret
+                n = n_ret.sum()
+                self.counters += torch.stack([(ret >= 0).sum(), torch.zeros_like(n), n, n])
+        return est, k_x, v_x, n_ret
 
     def finish_step(self, plan: WavePlan) -> None:
         """Index maintenance after the step: the oldest `update_every` decoded tokens past the
