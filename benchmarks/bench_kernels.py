@@ -9,6 +9,7 @@ command line.
     python benchmarks/bench_kernels.py            # full run (a few minutes)
     python benchmarks/bench_kernels.py --quick    # fewer sizes, shorter timing
     python benchmarks/bench_kernels.py --only estimate_decode
+    python benchmarks/bench_kernels.py --only select --out benchmarks/results/kernels_select_<gpu>.json
 """
 
 from __future__ import annotations
@@ -178,6 +179,45 @@ def bench_centroid_scores(K, m, quick):
     return rows
 
 
+def bench_select(K, m, quick):
+    """The wave zones' choice per decode step and layer: select_zones (radix select, no sort) vs
+    the sorted topk it replaces (torch_ms; topk_graph_ms: the same replayed from a CUDA graph,
+    unsorted_ms: topk without the sort). S * HKV rows of W cluster scores, r = 1.8% and
+    e = 23.2% of W (WaveConfig.zone_sizes), caps R, E rounded up as the decode plan does.
+    Rows also sweep the kernel's block size / warps (config ``b<block>/<warps>``, select.TUNE);
+    ``ok``: the same sets as select_zones_ref."""
+    import retroinfer.kernels.select as sel
+    from retroinfer.config import WaveConfig
+
+    rows = []
+    for S, W in [(8, 8192), (1, 65536)]:             # 128K context, batch 8; 1M context, batch 1
+        r, e = WaveConfig().zone_sizes(W)
+        R, E = -(-r // 16) * 16, -(-e // 64) * 64
+        sc = torch.randn(S, HKV, G, W, device="cuda").mul(2).softmax(-1).sum(2)   # like centroid_scores
+        cnt = torch.full((S,), W, device="cuda", dtype=torch.int32)
+        ret_n, est_n = torch.full((S,), r, device="cuda"), torch.full((S,), e, device="cuda")
+        ref = [x.sort(-1).values for x in K.select_zones_ref(sc, cnt, ret_n, est_n, R, E)]
+        default = dict(sel.TUNE)
+        for block, warps in ([(default["block"], default["num_warps"])] if quick else
+                             [(512, 4), (1024, 4), (2048, 8), (4096, 16)]):
+            sel.TUNE.update(block=block, num_warps=warps)
+            try:
+                got = K.select_zones(sc, cnt, ret_n, est_n, R, E)
+                ok = all(torch.equal(a.sort(-1).values, b) for a, b in zip(got, ref))
+                row = {"kernel": "select_zones", "config": f"{S * HKV}x{W} r{r} e{e} b{block}/{warps}",
+                       "bytes": S * HKV * (W + R + E) * 4, "ok": ok}
+                topk = lambda: sc.topk(R + E, dim=-1, sorted=True)    # noqa: E731
+                m(row, lambda: K.select_zones(sc, cnt, ret_n, est_n, R, E), topk,
+                  unsorted=lambda: sc.topk(R + E, dim=-1, sorted=False))
+                row["topk_graph_ms"] = m.tg(topk)
+            finally:
+                sel.TUNE.update(default)
+            if not ok:
+                print(f"  select_zones {row['config']}: ids differ from select_zones_ref")
+            rows.append(row)
+    return rows
+
+
 def bench_kmeans(K, m, quick):
     S, N, Kc = (32 if quick else 128), 8192, 512
     x = torch.randn(S, N, D, device="cuda", dtype=DT)
@@ -214,10 +254,11 @@ def bench_gather(K, m, quick):
 
 
 BENCHES = {"paged_decode": bench_paged_decode, "weighted_decode": bench_weighted_decode,
-           "estimate_decode": bench_estimate_decode,
+           "estimate_decode": bench_estimate_decode, "select": bench_select,
            "centroid_scores": bench_centroid_scores, "kmeans": bench_kmeans, "gather": bench_gather}
 
 
+COLUMNS = ("triton_ms", "graph_ms", "torch_ms", "sdpa_ms")
 HEADER = (f"{'kernel':<16} {'config':<28} {'triton ms':>10} {'graph ms':>9} {'torch ms':>9} "
           f"{'sdpa ms':>8} {'triton':>10} {'graph':>10} {'vs torch':>8}")
 
@@ -236,9 +277,10 @@ def fmt_row(row) -> str:
         v = row.get(key)
         return "-" if v is None else f"{v:.3f}"
     speed = f"x{row['speedup']:.1f}" if row.get("speedup") else "-"
+    extra = "".join(f"  {k}={ms(k)}" for k in row if k.endswith("_ms") and k not in COLUMNS)
     return (f"{row['kernel']:<16} {row['config']:<28} {ms('triton_ms'):>10} {ms('graph_ms'):>9} "
             f"{ms('torch_ms'):>9} {ms('sdpa_ms'):>8} {fmt_rate(row, 'triton_ms'):>10} "
-            f"{fmt_rate(row, 'graph_ms'):>10} {speed:>8}")
+            f"{fmt_rate(row, 'graph_ms'):>10} {speed:>8}{extra}")
 
 
 def main(argv=None) -> int:
