@@ -83,7 +83,7 @@ def _select_kernel(
             b = tl.load(sc_row + idx, mask=valid, other=0.0).to(tl.int32, bitcast=True)
             b = tl.where(b == -2147483648, 0, b)                          # -0.0 -> +0.0
             u = tl.where(b < 0, b ^ 0x7FFFFFFF, b) ^ -2147483648          # unsigned order = float order
-            digit = (u >> SHIFT) & 255
+            digit = (u >> SHIFT) & 255    # int32 shifts are arithmetic: masked here, compared for equality below
             if STAGE == 0:
                 acc_r += tl.histogram(digit, 256, mask=valid)
             else:
