@@ -1,9 +1,11 @@
 """One layer's decode attention, Llama-3-8B shape (32 query / 8 KV heads, head dim 128, bf16):
 wave attention against full attention (torch SDPA, and our paged kernel) in the same run, and
 the index build against the layer's prefill attention. Decode times are CUDA-graph replays (the
-engine replays its decode step as a graph); wave's eager time is reported beside.
+engine replays its decode step as a graph); wave's eager time is reported beside. `--profile`
+lists the kernels of a wave decode (the profiled case) and of the index build.
 
     python benchmarks/bench_attention.py --contexts 32768,131072,524288 --batches 1,8,32
+    python benchmarks/bench_attention.py --contexts 131072 --batches 8 --profile
 """
 from __future__ import annotations
 
@@ -26,6 +28,19 @@ from retroinfer.wave.index import build_index  # noqa: E402
 HQ, HKV, D = 32, 8, 128
 
 
+def profile_kernels(title: str, fn, calls: int = 5, top: int = 12) -> None:
+    """torch.profiler over `calls` calls of fn: the kernels that take the GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    print(f"{title}: top {top} kernels over {calls} calls")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=top), flush=True)
+
+
 def clustered_kv(T: int, g: torch.Generator):
     """Keys drawn around T/64 topic centres in runs (real keys cluster); random values."""
     centres = torch.randn(HKV, max(1, T // 64), D, device="cuda", generator=g)
@@ -36,7 +51,7 @@ def clustered_kv(T: int, g: torch.Generator):
     return k.transpose(0, 1).to(torch.bfloat16), v.transpose(0, 1).to(torch.bfloat16)
 
 
-def bench_case(T: int, B: int, wave: WaveConfig) -> dict:
+def bench_case(T: int, B: int, wave: WaveConfig, profile: bool = False) -> dict:
     g = torch.Generator(device="cuda").manual_seed(T + B)
     cfg = preset_config("random:llama3-8b")
     row = {"context": T, "batch": B}
@@ -54,6 +69,8 @@ def bench_case(T: int, B: int, wave: WaveConfig) -> dict:
     row["wave_eager_ms"] = cuda_time(lambda: wb.decode(0, plan, q, k1, k1)) * 1e3
     row["wave_ms"] = graph_time(lambda: wb.decode(0, plan, q, k1, k1)) * 1e3
     row["wave_plan_ms"] = cuda_time(lambda: wb.plan_decode(list(range(B))), iters=5) * 1e3 / 32
+    if profile:
+        profile_kernels(f"wave decode, {T} tokens, batch {B}", lambda: wb.decode(0, plan, q, k1, k1))
     del wb, plan
     torch.cuda.empty_cache()
     # Full attention over the same amount of KV.
@@ -77,13 +94,15 @@ def bench_case(T: int, B: int, wave: WaveConfig) -> dict:
     return row
 
 
-def bench_build(T: int, wave: WaveConfig) -> dict:
+def bench_build(T: int, wave: WaveConfig, profile: bool = False) -> dict:
     """Index build of one layer against that layer's prefill attention (flash, causal)."""
     g = torch.Generator(device="cuda").manual_seed(7)
     k, v = clustered_kv(T, g)
     q = torch.randn(T, HQ, D, device="cuda", generator=g, dtype=torch.bfloat16)
     attn_s = cuda_time(lambda: causal_attention(q, k, v, 0), iters=5, warmup=1)
     build_s = cuda_time(lambda: build_index(k[4:T - 64], v[4:T - 64], wave), iters=5, warmup=1)
+    if profile:
+        profile_kernels(f"index build, {T} tokens", lambda: build_index(k[4:T - 64], v[4:T - 64], wave), calls=2)
     return {"context": T, "prefill_attention_ms": attn_s * 1e3, "index_build_ms": build_s * 1e3,
             "build_frac": build_s / attn_s}
 
@@ -94,6 +113,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--build-context", type=int, default=131072)
     ap.add_argument("--name", default="attention")
+    ap.add_argument("--profile", action="store_true", help="kernel table of every wave case and the build")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU")
@@ -105,14 +125,14 @@ def main() -> None:
                 rows.append({"context": T, "batch": B, "skipped": "does not fit"})
                 continue
             try:
-                rows.append(bench_case(T, B, wave))
+                rows.append(bench_case(T, B, wave, a.profile))
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 rows.append({"context": T, "batch": B, "skipped": "out of memory"})
             print(rows[-1], flush=True)
     table(rows, ["context", "batch", "sdpa_ms", "paged_ms", "wave_ms", "wave_eager_ms", "wave_plan_ms", "speedup",
                  "kv_gb_per_s_sdpa"])
-    build = bench_build(a.build_context, wave)
+    build = bench_build(a.build_context, wave, a.profile)
     table([build], list(build))
     write_result(a.name, {"shape": {"hq": HQ, "hkv": HKV, "d": D, "dtype": "bfloat16"},
                                "wave": wave.__dict__, "decode": rows, "build": build})

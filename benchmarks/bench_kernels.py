@@ -184,13 +184,14 @@ def bench_select(K, m, quick):
     the sorted topk it replaces (torch_ms; topk_graph_ms: the same replayed from a CUDA graph,
     unsorted_ms: topk without the sort). S * HKV rows of W cluster scores, r = 1.8% and
     e = 23.2% of W (WaveConfig.zone_sizes), caps R, E rounded up as the decode plan does.
-    Rows also sweep the kernel's block size / warps (config ``b<block>/<warps>``, select.TUNE);
-    ``ok``: the same sets as select_zones_ref."""
+    Rows also sweep the kernel's block size / warps / programs per row (config
+    ``b<block>/<warps>/s<splits>``, select.TUNE; s1: every stage in one launch, sauto: split rows
+    as ``select_zones`` picks); ``ok``: the same sets as select_zones_ref."""
     import retroinfer.kernels.select as sel
     from retroinfer.config import WaveConfig
 
     rows = []
-    for S, W in [(8, 8192), (1, 65536)]:             # 128K context, batch 8; 1M context, batch 1
+    for S, W in [(1, 2048), (8, 8192), (32, 8192), (1, 65536)]:   # 32K b1; 128K b8, b32; 1M b1
         r, e = WaveConfig().zone_sizes(W)
         R, E = -(-r // 16) * 16, -(-e // 64) * 64
         sc = torch.randn(S, HKV, G, W, device="cuda").mul(2).softmax(-1).sum(2)   # like centroid_scores
@@ -198,16 +199,17 @@ def bench_select(K, m, quick):
         ret_n, est_n = torch.full((S,), r, device="cuda"), torch.full((S,), e, device="cuda")
         ref = [x.sort(-1).values for x in K.select_zones_ref(sc, cnt, ret_n, est_n, R, E)]
         default = dict(sel.TUNE)
-        for block, warps in ([(default["block"], default["num_warps"])] if quick else
-                             [(512, 4), (1024, 4), (2048, 8), (4096, 16)]):
+        for block, warps, splits in ([(default["block"], default["num_warps"], None)] if quick else
+                                     [(1024, 4, None), (2048, 8, None), (1024, 4, 1), (2048, 8, 1),
+                                      (4096, 8, 1), (4096, 16, 1)]):
             sel.TUNE.update(block=block, num_warps=warps)
             try:
-                got = K.select_zones(sc, cnt, ret_n, est_n, R, E)
+                got = K.select_zones(sc, cnt, ret_n, est_n, R, E, splits)
                 ok = all(torch.equal(a.sort(-1).values, b) for a, b in zip(got, ref))
-                row = {"kernel": "select_zones", "config": f"{S * HKV}x{W} r{r} e{e} b{block}/{warps}",
+                row = {"kernel": "select_zones", "config": f"{S * HKV}x{W} b{block}/{warps}/s{splits or 'auto'}",
                        "bytes": S * HKV * (W + R + E) * 4, "ok": ok}
                 topk = lambda: sc.topk(R + E, dim=-1, sorted=True)    # noqa: E731
-                m(row, lambda: K.select_zones(sc, cnt, ret_n, est_n, R, E), topk,
+                m(row, lambda: K.select_zones(sc, cnt, ret_n, est_n, R, E, splits), topk,
                   unsorted=lambda: sc.topk(R + E, dim=-1, sorted=False))
                 row["topk_graph_ms"] = m.tg(topk)
             finally:
@@ -219,18 +221,41 @@ def bench_select(K, m, quick):
 
 
 def bench_kmeans(K, m, quick):
-    S, N, Kc = (32 if quick else 128), 8192, 512
-    x = torch.randn(S, N, D, device="cuda", dtype=DT)
-    cen = torch.nn.functional.normalize(torch.randn(S, Kc, D, device="cuda"), dim=-1).to(DT)
-    idx = K.kmeans_assign(x, cen)
-    flops = 2 * S * N * Kc * D
-    cfg = f"S={S} N={N} K={Kc}"
-    return [
-        m({"kernel": "kmeans_assign", "config": cfg, "flops": flops, "bytes": x.numel() * 2},
-          lambda: K.kmeans_assign(x, cen), lambda: K.kmeans_assign_ref(x, cen)),
-        m({"kernel": "kmeans_update", "config": cfg, "bytes": x.numel() * 2 + S * Kc * D * 4},
-          lambda: K.kmeans_update(x, idx, Kc), lambda: K.kmeans_update_ref(x, idx, Kc)),
-    ]
+    """The index build's k-means at 128K tokens: one iteration over 16 segments x 8 heads (512
+    clusters each), fused ``kmeans_step`` against ``assign`` + ``update``, and the global
+    assignment of all 131072 keys per head to its 8192 clusters. Assign rows sweep the tile
+    (config ``n<block_n>/k<block_k>/s<stages>``, kmeans.TUNE)."""
+    import retroinfer.kernels.kmeans as km
+
+    rows = []
+    default = dict(km.TUNE)
+    tiles = ([(default["block_n"], default["block_k"], default["num_stages"])] if quick else
+             [(128, 64, 3), (128, 128, 3), (256, 64, 3), (128, 128, 4), (256, 128, 3)])
+    for S, N, Kc in [(32 if quick else 128, 8192, 512), (8, 131072, 8192)]:
+        x = torch.randn(S, N, D, device="cuda", dtype=DT)
+        cen = torch.nn.functional.normalize(torch.randn(S, Kc, D, device="cuda"), dim=-1).to(DT)
+        ref = K.kmeans_assign(x, cen)
+        cfg = f"S={S} N={N} K={Kc}"
+        flops = 2 * S * N * Kc * D
+        for bn, bk, st in tiles:
+            km.TUNE.update(block_n=bn, block_k=bk, num_stages=st)
+            try:
+                row = {"kernel": "kmeans_assign", "config": f"{cfg} n{bn}/k{bk}/s{st}", "flops": flops,
+                       "bytes": x.numel() * 2, "agree": (K.kmeans_assign(x, cen) == ref).float().mean().item()}
+                rows.append(m(row, lambda: K.kmeans_assign(x, cen),
+                              (lambda: K.kmeans_assign_ref(x, cen)) if Kc <= 512 else None))
+            except Exception as e:  # noqa: BLE001 - a tile that does not fit is a result, not a stop
+                print(f"  kmeans_assign {cfg} n{bn}/k{bk}/s{st}: {e!r:.120}")
+            finally:
+                km.TUNE.update(default)
+        if Kc <= 512:
+            idx = K.kmeans_assign(x, cen)
+            rows.append(m({"kernel": "kmeans_update", "config": cfg, "bytes": x.numel() * 2 + S * Kc * D * 4},
+                          lambda: K.kmeans_update(x, idx, Kc), lambda: K.kmeans_update_ref(x, idx, Kc)))
+            rows.append(m({"kernel": "kmeans_step", "config": cfg, "flops": flops, "bytes": x.numel() * 2},
+                          lambda: K.kmeans_step(x, cen),
+                          separate=lambda: K.kmeans_update(x, K.kmeans_assign(x, cen), Kc)))
+    return rows
 
 
 def bench_gather(K, m, quick):

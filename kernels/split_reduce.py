@@ -6,59 +6,104 @@ The merged state is
 
     lse_r = log(sum_s exp(lse_rs)),        o_r = sum_s exp(lse_rs - lse_r) * o_rs,
 
-with ``o_r = 0, lse_r = -inf`` when every split is empty. Used by ``paged_decode`` and
-``weighted_decode``; the CPU path of those never reaches here.
+with ``o_r = 0, lse_r = -inf`` when every split is empty. ``merge_partials`` merges up to three
+sets of splits over the same rows in one launch: the wave decode's steady, retrieval and
+estimation zones, each computed split-K by its own kernel, merge here with no per-zone step.
+Used by ``paged_decode``, ``weighted_decode`` and the wave decode.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._triton_util import lazy_jit, next_pow2, tl
+from ._triton_util import lazy_jit, next_pow2, tl, use_triton
+
+MAX_SETS = 3
 
 
 @lazy_jit
 def _merge_splits_kernel(
-    po_ptr, pl_ptr, out_ptr, lse_ptr,
-    NUM_SPLITS, D,
-    stride_out,
+    po0, pl0, S0, po1, pl1, S1, po2, pl2, S2, out_ptr, lse_ptr,
+    D, stride_out,
     WRITE_LSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    smask = offs_s < NUM_SPLITS
     dmask = offs_d < D
-    lse = tl.load(pl_ptr + row * NUM_SPLITS + offs_s, mask=smask, other=float("-inf"))
-    m = tl.max(lse, axis=0)
+    # Sets past the last given have 0 splits: fully masked, they add nothing.
+    l0 = tl.load(pl0 + row * S0 + offs_s, mask=offs_s < S0, other=float("-inf"))
+    l1 = tl.load(pl1 + row * S1 + offs_s, mask=offs_s < S1, other=float("-inf"))
+    l2 = tl.load(pl2 + row * S2 + offs_s, mask=offs_s < S2, other=float("-inf"))
+    m = tl.maximum(tl.maximum(tl.max(l0, axis=0), tl.max(l1, axis=0)), tl.max(l2, axis=0))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_safe)
-    sw = tl.sum(w, axis=0)
-    po = tl.load(po_ptr + (row * NUM_SPLITS + offs_s)[:, None] * D + offs_d[None, :],
-                 mask=smask[:, None] & dmask[None, :], other=0.0)
+    w0 = tl.exp(l0 - m_safe)
+    w1 = tl.exp(l1 - m_safe)
+    w2 = tl.exp(l2 - m_safe)
+    sw = tl.sum(w0, axis=0) + tl.sum(w1, axis=0) + tl.sum(w2, axis=0)
     # An empty split stores o = 0, so w * o stays finite; an all-empty row gives 0 / 1.
-    o = tl.sum(w[:, None] * po, axis=0) / tl.where(sw == 0.0, 1.0, sw)
+    o = tl.sum(w0[:, None] * tl.load(po0 + (row * S0 + offs_s)[:, None] * D + offs_d[None, :],
+                                     mask=(offs_s < S0)[:, None] & dmask[None, :], other=0.0), axis=0)
+    o += tl.sum(w1[:, None] * tl.load(po1 + (row * S1 + offs_s)[:, None] * D + offs_d[None, :],
+                                      mask=(offs_s < S1)[:, None] & dmask[None, :], other=0.0), axis=0)
+    o += tl.sum(w2[:, None] * tl.load(po2 + (row * S2 + offs_s)[:, None] * D + offs_d[None, :],
+                                      mask=(offs_s < S2)[:, None] & dmask[None, :], other=0.0), axis=0)
+    o = o / tl.where(sw == 0.0, 1.0, sw)
     tl.store(out_ptr + row * stride_out + offs_d, o.to(out_ptr.dtype.element_ty), mask=dmask)
     if WRITE_LSE:
         lse_r = tl.where(sw == 0.0, float("-inf"), m_safe + tl.log(tl.where(sw == 0.0, 1.0, sw)))
         tl.store(lse_ptr + row, lse_r)
 
 
+def _check(parts, out, lse):
+    assert 1 <= len(parts) <= MAX_SETS, f"1..{MAX_SETS} sets of partial states, got {len(parts)}"
+    R, D = out.shape
+    assert out.stride(1) == 1
+    for po, pl in parts:
+        assert po.dtype == torch.float32 and pl.dtype == torch.float32
+        assert po.is_contiguous() and pl.is_contiguous()
+        assert po.shape[0] == R and po.shape[2] == D and pl.shape == po.shape[:2], (po.shape, pl.shape, out.shape)
+    if lse is not None:
+        assert lse.shape == (R,) and lse.dtype == torch.float32 and lse.is_contiguous()
+    return R, D
+
+
+def merge_partials_ref(parts, out: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+    """Plain-torch ``merge_partials`` (the CPU path and the test oracle)."""
+    _check(parts, out, lse)
+    po = torch.cat([p for p, _ in parts], 1)
+    pl = torch.cat([p for _, p in parts], 1)
+    m = pl.max(dim=1).values
+    m_safe = torch.where(torch.isinf(m) & (m < 0), 0.0, m)
+    w = torch.exp(pl - m_safe[:, None])
+    sw = w.sum(1)
+    out.copy_((w[..., None] * po).sum(1) / torch.where(sw == 0, 1.0, sw)[:, None])
+    if lse is not None:
+        lse.copy_(torch.where(sw == 0, float("-inf"), m_safe + torch.log(torch.where(sw == 0, 1.0, sw))))
+
+
+def merge_partials(parts, out: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+    """Merge sets of partial states ``parts = [(part_out [R, S_i, D] fp32, part_lse [R, S_i] fp32),
+    ...]`` (1 to 3 sets, contiguous) into ``out [R, D]`` (any float dtype, rows may be strided)
+    and optionally ``lse [R]`` fp32, in place: one launch whatever the number of sets."""
+    if not use_triton(out, *(t for p in parts for t in p)):
+        return merge_partials_ref(parts, out, lse)
+    R, D = _check(parts, out, lse)
+    if R == 0:
+        return
+    sets = list(parts) + [parts[0]] * (MAX_SETS - len(parts))
+    counts = [p.shape[1] for p, _ in parts] + [0] * (MAX_SETS - len(parts))
+    _merge_splits_kernel[(R,)](
+        sets[0][0], sets[0][1], counts[0], sets[1][0], sets[1][1], counts[1], sets[2][0], sets[2][1], counts[2],
+        out, lse if lse is not None else sets[0][1],
+        D, out.stride(0),
+        WRITE_LSE=lse is not None, BLOCK_S=next_pow2(max(*counts, 2)), BLOCK_D=next_pow2(max(D, 16)),
+        num_warps=4 if D > 64 else 2,
+    )
+
+
 def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor | None = None) -> None:
     """Merge ``part_out [R, S, D]`` fp32 / ``part_lse [R, S]`` fp32 into ``out [R, D]`` (any float
     dtype, rows may be strided) and optionally ``lse [R]`` fp32, in place."""
-    R, S, D = part_out.shape
-    assert part_out.dtype == torch.float32 and part_lse.dtype == torch.float32
-    assert part_out.is_contiguous() and part_lse.is_contiguous() and part_lse.shape == (R, S)
-    assert out.shape == (R, D) and out.stride(1) == 1
-    if lse is not None:
-        assert lse.shape == (R,) and lse.dtype == torch.float32 and lse.is_contiguous()
-    if R == 0:
-        return
-    _merge_splits_kernel[(R,)](
-        part_out, part_lse, out, lse if lse is not None else part_lse,
-        S, D, out.stride(0),
-        WRITE_LSE=lse is not None, BLOCK_S=next_pow2(max(S, 2)), BLOCK_D=next_pow2(max(D, 16)),
-        num_warps=4 if D > 64 else 2,
-    )
+    merge_partials([(part_out, part_lse)], out, lse)

@@ -7,7 +7,8 @@ For row ``(b, h)`` with ``n = lengths[b, h]`` valid keys and query ``g`` of the 
 
 so a key of weight ``w_j = exp(log_w_j)`` counts as ``w_j`` copies of itself (the estimation zone
 stores one centroid per cluster with ``log_w = log(size)``). A row with no valid key gives
-``out = 0, lse = -inf``; ``merge_states`` combines such partial states of several zones.
+``out = 0, lse = -inf``; ``merge_states`` combines such states of several zones (torch), and
+``split_reduce.merge_partials`` combines several zones' unmerged splits (``partial=True``) in one launch.
 
 Triton: split-K like ``paged_decode`` (grid ``(B * Hkv, num_splits)``, each row's keys split evenly
 from ``lengths`` on the device), then ``split_reduce.merge_splits``.
@@ -205,16 +206,18 @@ def weighted_decode_ref(q, k, v, lengths, log_w, scale):
 
 def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
                     log_w: torch.Tensor | None, scale: float,
-                    num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    num_splits: int | None = None, partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention state of each (b, kv head, group query) over its valid keys.
 
     q: [B, Hkv, G, D]; k, v: [B, Hkv, L, D] (any strides, last dim contiguous); lengths:
     [B, Hkv] int32 (0..L); log_w: [B, Hkv, L] float32 or None, added to each scaled score.
     Returns ``out [B, Hkv, G, D]`` fp32 and ``lse [B, Hkv, G]`` fp32 (see the module docstring);
     rows with 0 keys give out = 0, lse = -inf. ``num_splits`` overrides the split-K factor.
+    ``partial``: return the unmerged split states ``[B * Hkv * G, splits, D]``, ``[.., splits]``
+    instead, for ``merge_partials`` to merge with other zones' in one launch.
     """
     if not use_triton(q, k, v):
-        return weighted_decode_ref(q, k, v, lengths, log_w, scale)
+        return _as_partial(weighted_decode_ref(q, k, v, lengths, log_w, scale), partial)
     B, Hkv, G, D, L = _check(q, k, v, lengths, log_w)
     for name, t in (("q", q), ("k", k), ("v", v)) + ((("log_w", log_w),) if log_w is not None else ()):
         check_last_contiguous(name, t)
@@ -224,12 +227,10 @@ def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
         num_splits = pick_splits(B * Hkv, max_blocks, q.device, TUNE["waves"])
     num_splits = max(1, min(int(num_splits), max_blocks))
     R = B * Hkv * G
-    out = torch.empty(B, Hkv, G, D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(B, Hkv, G, device=q.device, dtype=torch.float32)
-    if R == 0:
-        return out, lse
     part_out = torch.empty(R, num_splits, D, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(R, num_splits, device=q.device, dtype=torch.float32)
+    if R == 0:
+        return _finish(part_out, part_lse, (B, Hkv, G, D), partial)
     w = log_w if log_w is not None else lengths  # dummy pointer when HAS_W is False
     _weighted_decode_split_kernel[(B * Hkv, num_splits)](
         q, k, v, lengths, w, part_out, part_lse,
@@ -244,7 +245,23 @@ def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
         BLOCK_D=max(16, next_pow2(D)), PRECISION=dot_precision(q.dtype),
         num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"],
     )
-    merge_splits(part_out, part_lse, out.view(R, D), lse.view(R))
+    return _finish(part_out, part_lse, (B, Hkv, G, D), partial)
+
+
+def _as_partial(state, partial: bool):
+    """A merged (out, lse) as one split of partial states, when those are asked for."""
+    out, lse = state
+    return (out.reshape(-1, 1, out.shape[-1]).float().contiguous(), lse.reshape(-1, 1).float().contiguous()) \
+        if partial else state
+
+
+def _finish(part_out, part_lse, shape, partial: bool):
+    if partial:
+        return part_out, part_lse
+    out = torch.empty(shape, device=part_out.device, dtype=torch.float32)
+    lse = torch.empty(shape[:-1], device=part_out.device, dtype=torch.float32)
+    if out.numel():
+        merge_splits(part_out, part_lse, out.view(-1, shape[-1]), lse.view(-1))
     return out, lse
 
 
@@ -293,8 +310,8 @@ def estimate_decode_ref(q, centroids, value_mean, log_size, ids, count, scale, *
 def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.Tensor,
                     log_size: torch.Tensor, ids: torch.Tensor, count: torch.Tensor, scale: float, *,
                     base: torch.Tensor | None = None, start: torch.Tensor | None = None,
-                    width: int | None = None,
-                    num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    width: int | None = None, num_splits: int | None = None,
+                    partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimation-zone attention read in place from the cluster pool (no gather, no buffer).
 
     q: [S, Hkv, G, D]; centroids, value_mean: [Hkv, N, D] (the layer's pool, last dim contiguous);
@@ -311,11 +328,12 @@ def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.
     The wave decode passes ``select_zones``' estimation ids [S, Hkv, E] (local, -1 past the
     count), ``base`` = first cluster of the slot, ``count`` = estimation count, ``width`` = E.
     ``width`` (default K) is the static cap that sizes the split grid (CUDA-graph safe: nothing is
-    read back to the host); q is cast to the pool dtype. ``num_splits`` overrides the split factor.
+    read back to the host); q is cast to the pool dtype. ``num_splits`` overrides the split factor;
+    ``partial`` as in ``weighted_decode``.
     """
     if not use_triton(q, centroids, value_mean, log_size, ids, count):
-        return estimate_decode_ref(q, centroids, value_mean, log_size, ids, count, scale, base=base,
-                                   start=start, width=width)
+        return _as_partial(estimate_decode_ref(q, centroids, value_mean, log_size, ids, count, scale, base=base,
+                                               start=start, width=width), partial)
     S, Hkv, G, D, K, width = _check_estimate(q, centroids, value_mean, log_size, ids, count, base, start, width)
     q = q.to(centroids.dtype)
     for name, t in (("q", q), ("centroids", centroids), ("value_mean", value_mean)):
@@ -329,12 +347,10 @@ def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.
         num_splits = pick_splits(S * Hkv, max_blocks, q.device, TUNE_ESTIMATE["waves"])
     num_splits = max(1, min(int(num_splits), max_blocks))
     R = S * Hkv * G
-    out = torch.empty(S, Hkv, G, D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(S, Hkv, G, device=q.device, dtype=torch.float32)
-    if R == 0:
-        return out, lse
     part_out = torch.empty(R, num_splits, D, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(R, num_splits, device=q.device, dtype=torch.float32)
+    if R == 0:
+        return _finish(part_out, part_lse, (S, Hkv, G, D), partial)
     upcast = q.dtype == torch.bfloat16 and interpret_requested()
     _estimate_decode_split_kernel[(S * Hkv, num_splits)](
         q, centroids, value_mean, log_size, ids, count,
@@ -352,8 +368,7 @@ def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.
         PRECISION="ieee" if upcast else dot_precision(q.dtype),
         num_warps=TUNE_ESTIMATE["num_warps"], num_stages=TUNE_ESTIMATE["num_stages"],
     )
-    merge_splits(part_out, part_lse, out.view(R, D), lse.view(R))
-    return out, lse
+    return _finish(part_out, part_lse, (S, Hkv, G, D), partial)
 
 
 def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,

@@ -195,7 +195,8 @@ class WaveAttention(AttentionBackend):
         return plan
 
     def decode(self, layer, plan: WavePlan, q, k, v):
-        from ..kernels.weighted_decode import estimate_decode, merge_states, weighted_decode
+        from ..kernels.split_reduce import merge_partials
+        from ..kernels.weighted_decode import estimate_decode, weighted_decode
 
         B, Hq, D = q.shape
         H = self.cfg.num_kv_heads
@@ -206,16 +207,19 @@ class WaveAttention(AttentionBackend):
         vs[plan.slots, :, plan.write_pos] = v
         q_slots = q.new_zeros((S, H, Hq // H, D))
         q_slots[plan.slots] = q.view(B, H, Hq // H, D)
-        out, lse = weighted_decode(q_slots, ks, vs, plan.steady_len, None, self.scale)
+        # Every zone's split-K states, merged once (log-sum-exp) at the end.
+        zones = [weighted_decode(q_slots, ks, vs, plan.steady_len, None, self.scale, partial=True)]
         if plan.shape[4]:
             est_ids, k_x, v_x, lengths = self._assemble(layer, plan, q_slots)
-            out, lse = merge_states(out, lse, *weighted_decode(q_slots, k_x, v_x, lengths, None, self.scale))
+            zones.append(weighted_decode(q_slots, k_x, v_x, lengths, None, self.scale, partial=True))
             E = plan.shape[3]
             if E:   # the estimation zone's clusters (plan.estimate of them per slot), read in place
-                est = estimate_decode(q_slots, p.centroids[layer], p.value_mean[layer], p.log_size[layer], est_ids,
-                                      plan.estimate, self.scale, base=plan.base, width=E)
-                out, lse = merge_states(out, lse, *est)
-        return out[plan.slots].view(B, Hq, D).to(q.dtype)
+                zones.append(estimate_decode(q_slots, p.centroids[layer], p.value_mean[layer], p.log_size[layer],
+                                             est_ids, plan.estimate, self.scale, base=plan.base, width=E,
+                                             partial=True))
+        out = q.new_empty((S, H, Hq // H, D))
+        merge_partials(zones, out.view(-1, D))
+        return out[plan.slots].view(B, Hq, D)
 
     def _assemble(self, layer, plan: WavePlan, q_slots: torch.Tensor):
         """Scores every slot's clusters, selects its retrieval and estimation zones (exact, no

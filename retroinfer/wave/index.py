@@ -43,28 +43,35 @@ def _normalise(c: torch.Tensor) -> torch.Tensor:
     return c / c.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int,
-                     clusters: int | None = None) -> torch.Tensor:
-    """x: [H, N, D] centred keys. Segments of about `segment` rows are clustered
-    independently (spherical k-means, max inner product against unit centroids). Returns the unit
-    centroids [H, C, D] of all segments together."""
-    from ..kernels.kmeans import kmeans_assign, kmeans_update
+def segment_layout(n: int, segment: int) -> tuple[int, int]:
+    """Segments of about `segment` rows covering n rows: (count, rows per segment)."""
+    nseg = max(1, math.ceil(n / segment))
+    return nseg, math.ceil(n / nseg)
 
-    H, N, D = x.shape
-    nseg = max(1, math.ceil(N / segment))
-    seg_len = math.ceil(N / nseg)
+
+def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int,
+                     clusters: int | None = None, n: int | None = None) -> torch.Tensor:
+    """x: [H, *, D] centred keys, the first n rows (default all) valid. Segments of about
+    `segment` rows are clustered independently (spherical k-means, max inner product against unit
+    centroids). An x already holding ``segment_layout``'s padded length (zeros past n) is used in
+    place. Returns the unit centroids [H, C, D] of all segments together."""
+    from ..kernels.kmeans import kmeans_step
+
+    H, D = x.shape[0], x.shape[2]
+    N = x.shape[1] if n is None else n
+    nseg, seg_len = segment_layout(N, segment)
     K = clusters or max(1, math.ceil(seg_len / per_cluster))
-    pad = nseg * seg_len - N
-    xs = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(H * nseg, seg_len, D)
+    if x.shape[1] != nseg * seg_len or not x.is_contiguous():
+        x = torch.nn.functional.pad(x[:, :N], (0, 0, 0, nseg * seg_len - N)).contiguous()
+    xs = x.view(H * nseg, seg_len, D)
     n_valid = torch.full((nseg,), seg_len, dtype=torch.int32, device=x.device)
-    n_valid[-1] = seg_len - pad
+    n_valid[-1] = N - (nseg - 1) * seg_len
     n_valid = n_valid.repeat(H)
     # Initial centroids: evenly spaced rows of each segment's valid part.
     pick = (torch.arange(K, device=x.device)[None, :] * n_valid[:, None].long()) // K
-    c = _normalise(xs.gather(1, pick[..., None].expand(-1, -1, D)))
+    c = _normalise(xs[torch.arange(H * nseg, device=x.device)[:, None], pick].float()).to(x.dtype)
     for _ in range(iters):
-        idx = kmeans_assign(xs, c, n_valid)
-        sums, counts = kmeans_update(xs, idx, K)
+        _, sums, counts = kmeans_step(xs, c, n_valid)
         c = torch.where(counts[..., None] > 0, _normalise(sums), c.float()).to(x.dtype)
     return c.reshape(H, nseg * K, D)
 
@@ -72,27 +79,32 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
 def build_index(k: torch.Tensor, v: torch.Tensor, wave: WaveConfig, clusters: int | None = None,
                 segment: int | None = None) -> ClusterIndex:
     """k, v: [T, Hkv, D] keys (after RoPE) and values of the tokens to index."""
-    from ..kernels.kmeans import kmeans_assign, kmeans_update
+    from ..kernels.kmeans import kmeans_step, kmeans_update
 
     kh, vh = k.transpose(0, 1), v.transpose(0, 1)              # [H, T, D] views
-    kf = kh.float()
-    # Assignments run in the KV dtype: bf16 dots use the tensor cores, fp32 ones would not.
-    centred = (kf - kf.mean(dim=1, keepdim=True)).to(k.dtype).contiguous()
-    unit = segmented_kmeans(centred, segment or wave.segment_size, wave.tokens_per_cluster,
-                            wave.kmeans_iters, clusters).to(k.dtype)
-    H, C = unit.shape[:2]
-    assign = kmeans_assign(centred, unit)                       # global pass: [H, T]
-    ksum, sizes = kmeans_update(kh.contiguous(), assign, C)
-    vsum, _ = kmeans_update(vh.contiguous(), assign, C)
+    H, T, D = kh.shape
+    seg = segment or wave.segment_size
+    nseg, seg_len = segment_layout(T, seg)
+    # Keys centred in the KV dtype (bf16 dots use the tensor cores, fp32 ones would not), written
+    # straight into the segments' padded layout.
+    mean = kh.mean(dim=1, dtype=torch.float32)                 # [H, D]
+    centred = torch.empty(H, nseg * seg_len, D, device=k.device, dtype=k.dtype)
+    torch.sub(kh, mean[:, None].to(k.dtype), out=centred[:, :T])
+    centred[:, T:].zero_()
+    unit = segmented_kmeans(centred, seg, wave.tokens_per_cluster, wave.kmeans_iters, clusters, n=T)
+    C = unit.shape[1]
+    # Global pass: every key to its best centroid of all segments, with the clusters' sums of
+    # centred keys (a cluster's mean key is that sum over its size, plus the mean).
+    assign, csum, sizes = kmeans_step(centred[:, :T], unit)     # [H, T], [H, C, D], [H, C]
+    vsum, _ = kmeans_update(vh, assign, C)
     order = assign.argsort(dim=1, stable=True)
-    rows = order[..., None].expand(-1, -1, k.shape[-1])
+    heads = torch.arange(H, device=k.device)[:, None]
     denom = sizes.clamp_min(1)[..., None].float()
-    mean_key = kf.mean(dim=1, keepdim=True).expand(-1, C, -1)  # empty clusters: never weigh in
     offsets = torch.zeros(H, C + 1, dtype=torch.int32, device=k.device)
     offsets[:, 1:] = sizes.cumsum(1)
     return ClusterIndex(
-        keys=kh.gather(1, rows), values=vh.gather(1, rows), offsets=offsets,
-        centroids=torch.where(sizes[..., None] > 0, ksum / denom, mean_key).to(k.dtype),
+        keys=kh[heads, order], values=vh[heads, order], offsets=offsets,
+        centroids=(csum / denom + mean[:, None]).to(k.dtype),   # empty clusters: the mean key, never weighed
         value_mean=(vsum / denom).to(v.dtype),
         log_size=torch.where(sizes > 0, sizes.float().log(), float("-inf")),
         max_cluster=int(sizes.max()))

@@ -3,6 +3,7 @@ import torch
 from kernel_testutil import assert_close, cases, gen, poison_cuda_cache, randn, rel_err
 
 from retroinfer.kernels import merge_states, weighted_decode, weighted_decode_ref
+from retroinfer.kernels.split_reduce import merge_partials, merge_partials_ref
 
 # (B, Hkv, G, L, D, lengths [B][Hkv], with log_w, layout)
 # layout: "contig" [B, Hkv, L, D]; "bshd" a [B, L, Hkv, D] buffer permuted; "slice" the first L
@@ -107,6 +108,36 @@ def test_merge_states_splits_keys(device):
     out, lse = merge_states(oa, la, ob, lb)
     ref_out, ref_lse = weighted_decode_ref(q, k, v, full, log_w, 0.125)
     assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("zones", [1, 2, 3])
+def test_merge_partials_equals_merged_zones(device, zones):
+    """Unmerged split states of up to three zones (different split counts, empty rows among them)
+    merged in one launch equal each zone merged alone, then merge_states pairwise."""
+    g = gen(device, "partials", zones)
+    B, Hkv, G, D = 3, 2, 4, 64
+    q = randn(g, B, Hkv, G, D)
+    parts, states = [], []
+    for z, (L, splits) in enumerate([(70, 3), (33, 1), (129, 5)][:zones]):
+        k, v, log_w = randn(g, B, Hkv, L, D), randn(g, B, Hkv, L, D), randn(g, B, Hkv, L)
+        lens = torch.randint(0, L + 1, (B, Hkv), generator=g, device=device).to(torch.int32)
+        lens[0, 0] = 0                                   # row 0: empty in every zone
+        parts.append(weighted_decode(q, k, v, lens, log_w, 0.3, num_splits=splits, partial=True))
+        states.append(weighted_decode(q, k, v, lens, log_w, 0.3, num_splits=splits))
+    ref_out, ref_lse = states[0]
+    for o, l in states[1:]:
+        ref_out, ref_lse = merge_states(ref_out, ref_lse, o, l)
+    R = B * Hkv * G
+    for merge in (merge_partials, merge_partials_ref):
+        out = torch.full((R, D), float("nan"), device=device)
+        lse = torch.empty(R, device=device)
+        merge(parts, out, lse)
+        assert rel_err(out, ref_out.view(R, D)) < 1e-5
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse.view(R)))
+        fin = torch.isfinite(lse)
+        assert rel_err(lse[fin], ref_lse.view(R)[fin]) < 1e-5
+        assert (out[:G] == 0).all() and (lse[:G] == float("-inf")).all()
 
 
 def test_merge_states_inf_sides():
