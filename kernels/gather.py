@@ -37,7 +37,7 @@ def _gather_clusters_kernel(
     stride_cah, stride_cas,
     R, C, L_MAX, D, dst_start, HEADS,
     CHUNK: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_CACHE: tl.constexpr, SLOT_ROWS: tl.constexpr,
+    HAS_CACHE: tl.constexpr, SLOT_ROWS: tl.constexpr, ROWS_ONLY: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)      # row of cluster_ids / dst / lengths
     hs = h % HEADS                         # row of src / offsets (batched: (b, h) -> h)
@@ -74,24 +74,27 @@ def _gather_clusters_kernel(
             ws = tl.sum(tl.where(sel, wslot, 0), axis=0).to(tl.int64)
         for i in range(0, n, BLOCK_ROWS):
             rows = i + offs_r
-            m = ((rows < n) & (dst0 + rows < L_MAX))[:, None] & dmask[None, :]
-            src_rows = (src0 + rows).to(tl.int64)[:, None]
-            dst_rows = (dst0 + rows).to(tl.int64)[:, None]
-            src_k = sk_ptr + hs * stride_skh + src_rows * stride_skn + offs_d[None, :]
-            src_v = sv_ptr + hs * stride_svh + src_rows * stride_svn + offs_d[None, :]
-            if HAS_CACHE:   # SLOT_ROWS is a multiple of BLOCK_ROWS: a tile is all cache or all source
-                cache_rows = hs * stride_cah + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
-                if (rs >= 0) & (i < SLOT_ROWS):
-                    src_k = ck_ptr + rs * stride_cas + cache_rows
-                    src_v = cv_ptr + rs * stride_cas + cache_rows
-            k = tl.load(src_k, mask=m)
-            v = tl.load(src_v, mask=m)
-            tl.store(dk_ptr + h * stride_dkh + dst_rows * stride_dkn + offs_d[None, :], k, mask=m)
-            tl.store(dv_ptr + h * stride_dvh + dst_rows * stride_dvn + offs_d[None, :], v, mask=m)
-            if HAS_CACHE:
-                if (ws >= 0) & (i < SLOT_ROWS):
-                    tl.store(ck_ptr + ws * stride_cas + cache_rows, k, mask=m)
-                    tl.store(cv_ptr + ws * stride_cas + cache_rows, v, mask=m)
+            if ROWS_ONLY:   # `cluster_rows`: the source row numbers, no data
+                tl.store(dk_ptr + h * stride_dkh + (dst0 + rows), src0 + rows, mask=(rows < n) & (dst0 + rows < L_MAX))
+            else:
+                m = ((rows < n) & (dst0 + rows < L_MAX))[:, None] & dmask[None, :]
+                src_rows = (src0 + rows).to(tl.int64)[:, None]
+                dst_rows = (dst0 + rows).to(tl.int64)[:, None]
+                src_k = sk_ptr + hs * stride_skh + src_rows * stride_skn + offs_d[None, :]
+                src_v = sv_ptr + hs * stride_svh + src_rows * stride_svn + offs_d[None, :]
+                if HAS_CACHE:   # SLOT_ROWS is a multiple of BLOCK_ROWS: a tile is all cache or all source
+                    cache_rows = hs * stride_cah + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+                    if (rs >= 0) & (i < SLOT_ROWS):
+                        src_k = ck_ptr + rs * stride_cas + cache_rows
+                        src_v = cv_ptr + rs * stride_cas + cache_rows
+                k = tl.load(src_k, mask=m)
+                v = tl.load(src_v, mask=m)
+                tl.store(dk_ptr + h * stride_dkh + dst_rows * stride_dkn + offs_d[None, :], k, mask=m)
+                tl.store(dv_ptr + h * stride_dvh + dst_rows * stride_dvn + offs_d[None, :], v, mask=m)
+                if HAS_CACHE:
+                    if (ws >= 0) & (i < SLOT_ROWS):
+                        tl.store(ck_ptr + ws * stride_cas + cache_rows, k, mask=m)
+                        tl.store(cv_ptr + ws * stride_cas + cache_rows, v, mask=m)
 
 
 def _plan(offsets, cluster_ids):
@@ -160,8 +163,12 @@ def gather_clusters(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Ten
 def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int, cache=None):
     """One launch over `rows` = ids.shape[0] destination rows; row x reads source head x % heads.
     ids [rows, R]; dst [rows, Lmax, D]; cache: (cache_k, cache_v, read_slot, write_slot) or None.
+    dst_k [rows, Lmax] int32 with src_k None: source row numbers instead of data (``cluster_rows``).
     Returns lengths [rows] int32 (and, with a cache, the rows read from the source [rows] int32)."""
     rows, R = ids.shape
+    rows_only = src_k is None
+    if rows_only:
+        dst_k = src_k = src_v = dst_v = dst_k[:, :, None]
     Lmax, D = dst_k.shape[1], dst_k.shape[2]
     lengths = torch.zeros(rows, dtype=torch.int32, device=dst_k.device)
     host = torch.zeros(rows, dtype=torch.int32, device=dst_k.device) if cache is not None else lengths
@@ -178,7 +185,7 @@ def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int
         ck.stride(0) if cache is not None else 0, ck.stride(1) if cache is not None else 0,
         R, offsets.shape[1] - 1, Lmax, D, int(dst_start), heads,
         CHUNK=chunk, BLOCK_SEL=next_pow2(max(R, 2)), BLOCK_ROWS=16, BLOCK_D=max(16, next_pow2(D)),
-        HAS_CACHE=cache is not None, SLOT_ROWS=ck.shape[2] if cache is not None else 0,
+        HAS_CACHE=cache is not None, SLOT_ROWS=ck.shape[2] if cache is not None else 0, ROWS_ONLY=rows_only,
         num_warps=4,
     )
     return lengths if cache is None else (lengths, host)
@@ -216,6 +223,43 @@ def gather_clusters_batched(src_k: torch.Tensor, src_v: torch.Tensor, offsets: t
     rows = B * Hkv
     lengths = _launch(src_k, src_v, offsets, cluster_ids.reshape(rows, R).contiguous(),
                       dst_k.view(rows, Lmax, D), dst_v.view(rows, Lmax, D), dst_start, Hkv)
+    return lengths.view(B, Hkv)
+
+
+def cluster_rows_ref(offsets: torch.Tensor, cluster_ids: torch.Tensor, rows_out: torch.Tensor) -> torch.Tensor:
+    """Plain-torch ``cluster_rows`` (the CPU path and the test oracle)."""
+    B, Hkv, R = cluster_ids.shape
+    Lmax = rows_out.shape[2]
+    lengths = torch.zeros(B, Hkv, dtype=torch.int32, device=rows_out.device)
+    for b in range(B):
+        sizes, excl = _plan(offsets, cluster_ids[b].long())
+        src0 = offsets.gather(1, cluster_ids[b].long().clamp(0, max(offsets.shape[1] - 2, 0))).long()
+        for h in range(Hkv):
+            n = int(sizes[h].sum())
+            rows = torch.repeat_interleave(src0[h] - excl[h].long(), sizes[h].long(), output_size=n)
+            w = min(n, Lmax)
+            rows_out[b, h, :w] = (rows + torch.arange(n, device=rows.device))[:w].to(torch.int32)
+            lengths[b, h] = w
+    return lengths
+
+
+def cluster_rows(offsets: torch.Tensor, cluster_ids: torch.Tensor, rows_out: torch.Tensor) -> torch.Tensor:
+    """The pool rows of the selected clusters, in selection order: what ``gather_clusters_batched``
+    would copy, as row numbers (4 bytes a row instead of 2 x D values) for attention that reads
+    a GPU-resident pool in place.
+
+    offsets: [Hkv, C+1] int32; cluster_ids: [B, Hkv, R] int (-1 = nothing); rows_out: [B, Hkv,
+    Lmax] int32 contiguous, filled in the first ``lengths[b, h]`` entries (rows past Lmax dropped).
+    Returns lengths [B, Hkv] int32.
+    """
+    B, Hkv, R = cluster_ids.shape
+    assert offsets.dim() == 2 and offsets.shape[0] == Hkv and offsets.dtype == torch.int32
+    assert rows_out.shape[:2] == (B, Hkv) and rows_out.dtype == torch.int32 and rows_out.is_contiguous()
+    if not use_triton(offsets, cluster_ids, rows_out):
+        return cluster_rows_ref(offsets, cluster_ids, rows_out)
+    rows = B * Hkv
+    lengths = _launch(None, None, offsets.contiguous(), cluster_ids.reshape(rows, R).contiguous(),
+                      rows_out.view(rows, -1), None, 0, Hkv)
     return lengths.view(B, Hkv)
 
 
@@ -282,5 +326,5 @@ def gather_clusters_cached(src_k: torch.Tensor, src_v: torch.Tensor, offsets: to
     return lengths.view(B, Hkv), host.view(B, Hkv)
 
 
-__all__ = ["gather_clusters", "gather_clusters_batched", "gather_clusters_cached", "gather_clusters_cached_ref",
+__all__ = ["cluster_rows", "cluster_rows_ref", "gather_clusters", "gather_clusters_batched", "gather_clusters_cached", "gather_clusters_cached_ref",
            "gather_clusters_ref"]

@@ -35,16 +35,17 @@ TUNE_ESTIMATE = dict(TUNE)  # estimate_decode: weighted_decode's until swept on 
 
 @lazy_jit
 def _weighted_decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, w_ptr, po_ptr, pl_ptr,
+    q_ptr, k_ptr, v_ptr, len_ptr, w_ptr, rows_ptr, po_ptr, pl_ptr,
     sm_scale_log2,
     stride_qb, stride_qh, stride_qg,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_lb, stride_lh,
     stride_wb, stride_wh,
+    stride_rb, stride_rh,
     HKV, G, L, D, NUM_SPLITS,
-    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -66,6 +67,7 @@ def _weighted_decode_split_kernel(
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     w_base = w_ptr + b * stride_wb + h * stride_wh
+    r_base = rows_ptr + b * stride_rb + h * stride_rh
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -74,8 +76,11 @@ def _weighted_decode_split_kernel(
         idx = blk * BLOCK_N + offs_n
         nmask = idx < length
         kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + idx[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + idx[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        src = idx.to(tl.int64)
+        if HAS_ROWS:    # key j is row rows[b, h, j] of the head's pool
+            src = tl.load(r_base + idx, mask=nmask, other=0).to(tl.int64)
+        k = tl.load(k_base + src[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + src[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
         if HAS_W:
             lw = tl.load(w_base + idx, mask=nmask, other=0.0)
@@ -205,8 +210,8 @@ def weighted_decode_ref(q, k, v, lengths, log_w, scale):
 
 
 def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                    log_w: torch.Tensor | None, scale: float,
-                    num_splits: int | None = None, partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    log_w: torch.Tensor | None, scale: float, num_splits: int | None = None,
+                    partial: bool = False, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention state of each (b, kv head, group query) over its valid keys.
 
     q: [B, Hkv, G, D]; k, v: [B, Hkv, L, D] (any strides, last dim contiguous); lengths:
@@ -215,10 +220,25 @@ def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     rows with 0 keys give out = 0, lse = -inf. ``num_splits`` overrides the split-K factor.
     ``partial``: return the unmerged split states ``[B * Hkv * G, splits, D]``, ``[.., splits]``
     instead, for ``merge_partials`` to merge with other zones' in one launch.
+    ``rows``: [B, Hkv, L] int32: k, v are a pool [Hkv, N, D] and key j of row (b, h) is
+    ``k[h, rows[b, h, j]]`` (``gather.cluster_rows``: the retrieval zone read in place).
     """
-    if not use_triton(q, k, v):
+    if rows is not None:
+        assert k.dim() == 3 and v.shape == k.shape and rows.dim() == 3 and rows.dtype == torch.int32, \
+            (k.shape, v.shape, rows.shape, rows.dtype)
+        assert rows.stride(2) == 1 and rows.device == k.device
+        if not use_triton(q, k, v, rows):
+            hh = torch.arange(k.shape[0], device=k.device)[None, :, None]
+            pos = torch.where(torch.arange(rows.shape[2], device=k.device) < lengths[..., None], rows, 0).long()
+            return _as_partial(weighted_decode_ref(q, k[hh, pos], v[hh, pos], lengths, log_w, scale), partial)
+        assert log_w is None, "no log weights with rows"
+        k, v = k[None].expand(rows.shape[0], -1, -1, -1), v[None].expand(rows.shape[0], -1, -1, -1)   # stride_b 0
+        assert rows.shape[:2] == k.shape[:2], (rows.shape, k.shape)
+    elif not use_triton(q, k, v):
         return _as_partial(weighted_decode_ref(q, k, v, lengths, log_w, scale), partial)
     B, Hkv, G, D, L = _check(q, k, v, lengths, log_w)
+    if rows is not None:
+        L = rows.shape[2]
     for name, t in (("q", q), ("k", k), ("v", v)) + ((("log_w", log_w),) if log_w is not None else ()):
         check_last_contiguous(name, t)
     BLOCK_N = TUNE["block_n"]
@@ -232,16 +252,18 @@ def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     if R == 0:
         return _finish(part_out, part_lse, (B, Hkv, G, D), partial)
     w = log_w if log_w is not None else lengths  # dummy pointer when HAS_W is False
+    r = rows if rows is not None else lengths[..., None]
     _weighted_decode_split_kernel[(B * Hkv, num_splits)](
-        q, k, v, lengths, w, part_out, part_lse,
+        q, k, v, lengths, w, r, part_out, part_lse,
         float(scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         lengths.stride(0), lengths.stride(1),
         w.stride(0), w.stride(1),
+        r.stride(0), r.stride(1),
         Hkv, G, L, D, num_splits,
-        HAS_W=log_w is not None, BLOCK_N=BLOCK_N, BLOCK_G=max(16, next_pow2(G)),
+        HAS_W=log_w is not None, HAS_ROWS=rows is not None, BLOCK_N=BLOCK_N, BLOCK_G=max(16, next_pow2(G)),
         BLOCK_D=max(16, next_pow2(D)), PRECISION=dot_precision(q.dtype),
         num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"],
     )

@@ -210,8 +210,8 @@ class WaveAttention(AttentionBackend):
         # Every zone's split-K states, merged once (log-sum-exp) at the end.
         zones = [weighted_decode(q_slots, ks, vs, plan.steady_len, None, self.scale, partial=True)]
         if plan.shape[4]:
-            est_ids, k_x, v_x, lengths = self._assemble(layer, plan, q_slots)
-            zones.append(weighted_decode(q_slots, k_x, v_x, lengths, None, self.scale, partial=True))
+            est_ids, k_x, v_x, rows, lengths = self._assemble(layer, plan, q_slots)
+            zones.append(weighted_decode(q_slots, k_x, v_x, lengths, None, self.scale, partial=True, rows=rows))
             E = plan.shape[3]
             if E:   # the estimation zone's clusters (plan.estimate of them per slot), read in place
                 zones.append(estimate_decode(q_slots, p.centroids[layer], p.value_mean[layer], p.log_size[layer],
@@ -222,34 +222,38 @@ class WaveAttention(AttentionBackend):
         return out[plan.slots].view(B, Hq, D)
 
     def _assemble(self, layer, plan: WavePlan, q_slots: torch.Tensor):
-        """Scores every slot's clusters, selects its retrieval and estimation zones (exact, no
-        sort) and gathers the retrieved clusters' KV into the execution buffer. Returns the
-        estimation zone (local ids [S, H, E], -1 past plan.estimate), the buffer and its rows per slot."""
+        """Scores every slot's clusters and selects its retrieval and estimation zones (exact, no
+        sort). Returns the estimation zone (local ids [S, H, E], -1 past plan.estimate) and the
+        retrieval zone's keys and values as (k, v, rows, lengths): a GPU-resident pool is read in
+        place through its row numbers (rows [S, H, cap]); an offloaded one is gathered into an
+        execution buffer [S, H, cap, D] (rows None), through the GPU cluster cache if any."""
         from ..kernels.centroid_scores import centroid_scores
-        from ..kernels.gather import gather_clusters_batched, gather_clusters_cached
+        from ..kernels.gather import cluster_rows, gather_clusters_batched, gather_clusters_cached
         from ..kernels.select import select_zones
 
         p, dev = self.pools, self.device
         H, D = self.cfg.num_kv_heads, self.cfg.head_dim
-        S, W, R, E, rows = plan.shape
+        S, W, R, E, cap = plan.shape
         scores = centroid_scores(q_slots, p.centroids[layer], plan.counts, self.scale, base=plan.base, width=W)
         # zone_sizes keeps retrieve + estimate <= counts, so the zones hold exactly those counts
         ret, est = select_zones(scores, plan.counts, plan.retrieve, plan.estimate, R, E)
         ret = torch.where(ret >= 0, ret + plan.base[:, None, None], -1)       # [S, H, R] pool ids
-        k_x = torch.empty(S, H, rows, D, device=dev, dtype=self.dtype)
+        if not self.offload:
+            rows = torch.empty(S, H, cap, device=dev, dtype=torch.int32)
+            return est, p.keys[layer], p.values[layer], rows, cluster_rows(p.offsets[layer], ret, rows)
+        k_x = torch.empty(S, H, cap, D, device=dev, dtype=self.dtype)
         v_x = torch.empty_like(k_x)
         cache = self.caches.get(layer)
-        if cache is not None:      # (a cache implies offload)
+        if cache is not None:
             read, write, hit = cache.plan(ret)
             n_ret, n_src = gather_clusters_cached(p.keys[layer], p.values[layer], p.offsets[layer], ret,
                                                   cache.k, cache.v, read, write, k_x, v_x, 0)
             self.counters += torch.stack([(ret >= 0).sum(), hit.sum(), n_ret.sum(), n_src.sum()])
-        else:
+        else:      # no cache: every gathered row crossed PCIe
             n_ret = gather_clusters_batched(p.keys[layer], p.values[layer], p.offsets[layer], ret, k_x, v_x, 0)
-            if self.offload:       # no cache: every gathered row crossed PCIe
-                n = n_ret.sum()
-                self.counters += torch.stack([(ret >= 0).sum(), torch.zeros_like(n), n, n])
-        return est, k_x, v_x, n_ret
+            n = n_ret.sum()
+            self.counters += torch.stack([(ret >= 0).sum(), torch.zeros_like(n), n, n])
+        return est, k_x, v_x, None, n_ret
 
     def finish_step(self, plan: WavePlan) -> None:
         """Index maintenance after the step: the oldest `update_every` decoded tokens past the

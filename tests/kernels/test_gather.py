@@ -113,3 +113,33 @@ def test_gather_cached_matches_ref(device, dtype):
     for i in (4, 5, 8, 9):       # cache k/v, dst k/v
         assert torch.equal(args[i].cpu(), ref_args[i]), i
     assert (choice[0] == 1).any() and (choice[0] == 2).any()
+
+
+@pytest.mark.parametrize("device,dtype,case", params())
+def test_cluster_rows_name_the_gathered_rows(device, dtype, case):
+    """cluster_rows (kernel and reference) names exactly the pool rows that the gather copies, and
+    attention reading the pool through them equals attention over the gathered buffer."""
+    from retroinfer.kernels import cluster_rows, cluster_rows_ref, weighted_decode
+    Hkv, N, D, C, R, Lmax, _, _, _ = case
+    src_k, src_v, offsets, ids, dst_k, dst_v, _ = make_case(device, dtype, case[:6] + (0, "contig") + case[8:])
+    B = 2
+    ids = torch.stack([ids, ids.flip(1)])                           # [B, Hkv, R], another order
+    dk = torch.stack([dst_k, dst_k.clone()])
+    dv = torch.stack([dst_v, dst_v.clone()])
+    from retroinfer.kernels.gather import gather_clusters_batched
+    lens = gather_clusters_batched(src_k, src_v, offsets, ids, dk, dv, 0)
+    rows = torch.full((B, Hkv, Lmax), -7, dtype=torch.int32, device=device)
+    n = cluster_rows(offsets, ids, rows)
+    ref_rows = torch.full_like(rows, -7)
+    assert torch.equal(n, lens) and torch.equal(cluster_rows_ref(offsets, ids, ref_rows), lens)
+    assert torch.equal(rows, ref_rows)
+    hh = torch.arange(Hkv, device=device)[None, :, None]
+    valid = torch.arange(Lmax, device=device) < n[..., None]
+    assert (rows[~valid] == -7).all()
+    assert torch.equal(torch.where(valid[..., None], src_k[hh, rows.clamp(min=0).long()], 0),
+                       torch.where(valid[..., None], dk, 0))
+    q = torch.randn(B, Hkv, 4, D, generator=gen("cpu", "rows-q", case)).to(device=device, dtype=dtype)
+    got = weighted_decode(q, src_k, src_v, n, None, D ** -0.5, rows=rows)
+    want = weighted_decode(q, dk, dv, lens, None, D ** -0.5)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
