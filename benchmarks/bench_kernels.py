@@ -185,8 +185,8 @@ def bench_select(K, m, quick):
     unsorted_ms: topk without the sort). S * HKV rows of W cluster scores, r = 1.8% and
     e = 23.2% of W (WaveConfig.zone_sizes), caps R, E rounded up as the decode plan does.
     Rows also sweep the kernel's block size / warps / programs per row (config
-    ``b<block>/<warps>/s<splits>``, select.TUNE; s1: every stage in one launch, sauto: split rows
-    as ``select_zones`` picks); ``ok``: the same sets as select_zones_ref."""
+    ``b<block>/<warps>/s<splits>``, select.TUNE; sauto: split rows as ``select_zones`` picks);
+    ``ok``: the same sets as select_zones_ref."""
     import retroinfer.kernels.select as sel
     from retroinfer.config import WaveConfig
 
@@ -200,8 +200,7 @@ def bench_select(K, m, quick):
         ref = [x.sort(-1).values for x in K.select_zones_ref(sc, cnt, ret_n, est_n, R, E)]
         default = dict(sel.TUNE)
         for block, warps, splits in ([(default["block"], default["num_warps"], None)] if quick else
-                                     [(1024, 4, None), (2048, 8, None), (1024, 4, 1), (2048, 8, 1),
-                                      (4096, 8, 1), (4096, 16, 1)]):
+                                     [(1024, 4, None), (2048, 8, None), (4096, 8, None), (2048, 8, 1)]):
             sel.TUNE.update(block=block, num_warps=warps)
             try:
                 got = K.select_zones(sc, cnt, ret_n, est_n, R, E, splits)
@@ -222,15 +221,15 @@ def bench_select(K, m, quick):
 
 def bench_kmeans(K, m, quick):
     """The index build's k-means at 128K tokens: one iteration over 16 segments x 8 heads (512
-    clusters each), fused ``kmeans_step`` against ``assign`` + ``update``, and the global
-    assignment of all 131072 keys per head to its 8192 clusters. Assign rows sweep the tile
-    (config ``n<block_n>/k<block_k>/s<stages>``, kmeans.TUNE)."""
+    clusters each: assign, update, centroids), and the global assignment of all 131072 keys per
+    head to its 8192 clusters. Assign rows sweep the tile (config ``n<block_n>/k<block_k>/s<stages>``,
+    kmeans.TUNE)."""
     import retroinfer.kernels.kmeans as km
 
     rows = []
     default = dict(km.TUNE)
     tiles = ([(default["block_n"], default["block_k"], default["num_stages"])] if quick else
-             [(128, 64, 3), (128, 128, 3), (256, 64, 3), (128, 128, 4), (256, 128, 3)])
+             [(128, 64, 3), (256, 64, 3), (256, 64, 4), (256, 32, 3)])
     for S, N, Kc in [(32 if quick else 128, 8192, 512), (8, 131072, 8192)]:
         x = torch.randn(S, N, D, device="cuda", dtype=DT)
         cen = torch.nn.functional.normalize(torch.randn(S, Kc, D, device="cuda"), dim=-1).to(DT)
@@ -252,9 +251,9 @@ def bench_kmeans(K, m, quick):
             idx = K.kmeans_assign(x, cen)
             rows.append(m({"kernel": "kmeans_update", "config": cfg, "bytes": x.numel() * 2 + S * Kc * D * 4},
                           lambda: K.kmeans_update(x, idx, Kc), lambda: K.kmeans_update_ref(x, idx, Kc)))
-            rows.append(m({"kernel": "kmeans_step", "config": cfg, "flops": flops, "bytes": x.numel() * 2},
-                          lambda: K.kmeans_step(x, cen),
-                          separate=lambda: K.kmeans_update(x, K.kmeans_assign(x, cen), Kc)))
+            sums, counts = K.kmeans_update(x, idx, Kc)
+            rows.append(m({"kernel": "kmeans_centroids", "config": cfg, "bytes": sums.numel() * 4 + cen.numel() * 2},
+                          lambda: K.kmeans_centroids(sums, counts, cen), lambda: K.kmeans_centroids_ref(sums, counts, cen)))
     return rows
 
 

@@ -6,14 +6,14 @@
                                  -1 for n >= n_valid[s])
     kmeans_update:  sums[s, k] = sum_{n: idx[s, n] = k} x[s, n]   (fp32),   counts[s, k] = |{n}|
                                  (idx < 0 or >= K is skipped)
-    kmeans_step:    both at once (one k-means iteration): the sums and counts of the new assignment
+    kmeans_centroids: the next unit centroids, sums[s, k] / |sums[s, k]| where counts[s, k] > 0,
+                                 else the previous centroid (an empty cluster keeps its place)
 
-The caller L2-normalises the new centroids (sums / |sums|), which makes the assignment by inner
-product the spherical k-means assignment.
+Normalising the centroids makes the assignment by inner product the spherical k-means assignment.
 
 Triton: ``assign`` runs one program per (s, BLOCK_N points), sweeping K in tiles with a running
-max/argmax; ``update`` adds each point into its cluster's row with fp32 atomics (one read of x).
-``step`` is ``assign`` adding its points into their new clusters while the tile is still loaded.
+max/argmax; ``update`` adds each point into its cluster's row with fp32 atomics (one read of x);
+``centroids`` normalises BLOCK_K rows per program (one launch instead of a chain of torch ops).
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from ._triton_util import (FLOAT_DTYPES, cdiv, check_last_contiguous, dot_precis
                            next_pow2, tl, use_triton)
 
 
-TUNE = {"block_n": 256, "block_k": 64, "num_stages": 3}   # assign tiles, swept on an H100 (warps follow the tile size)
+TUNE = {"block_n": 256, "block_k": 64, "num_stages": 3}   # assign tiles, H100 sweep (bench_kernels --only kmeans)
 
 
 @lazy_jit
 def _kmeans_assign_kernel(
-    x_ptr, c_ptr, nv_ptr, idx_ptr, sums_ptr, cnt_ptr,
+    x_ptr, c_ptr, nv_ptr, idx_ptr,
     stride_xs, stride_xn, stride_cs, stride_ck,
     N, K, D,
-    HAS_NV: tl.constexpr, UPDATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_NV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -59,17 +59,10 @@ def _kmeans_assign_kernel(
         best = tl.where(upd, tile_max, best)
         best_idx = tl.where(upd, tile_arg, best_idx)
     out = best_idx.to(tl.int64)
-    ok = nmask
     if HAS_NV:
         nv = tl.load(nv_ptr + s)
-        ok = ok & (offs_n < nv)
-        out = tl.where(ok, out, -1)
+        out = tl.where(offs_n < nv, out, -1)
     tl.store(idx_ptr + s * N + offs_n, out, mask=nmask)
-    if UPDATE:
-        row = s * K + best_idx
-        m2 = ok[:, None] & dmask[None, :]
-        tl.atomic_add(sums_ptr + row[:, None] * D + offs_d[None, :], x.to(tl.float32), mask=m2, sem="relaxed")
-        tl.atomic_add(cnt_ptr + row, tl.full([BLOCK_N], 1, tl.int32), mask=ok, sem="relaxed")
 
 
 @lazy_jit
@@ -92,6 +85,47 @@ def _kmeans_update_kernel(
     row = s * K + tl.where(ok, idx, 0)
     tl.atomic_add(sums_ptr + row[:, None] * D + offs_d[None, :], x, mask=m2, sem="relaxed")
     tl.atomic_add(cnt_ptr + row, tl.full([BLOCK_N], 1, tl.int32), mask=ok, sem="relaxed")
+
+
+@lazy_jit
+def _kmeans_centroids_kernel(
+    sums_ptr, cnt_ptr, prev_ptr, out_ptr, ROWS, D,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    kmask = offs_k < ROWS
+    m = kmask[:, None] & (offs_d < D)[None, :]
+    at = offs_k.to(tl.int64)[:, None] * D + offs_d[None, :]
+    sums = tl.load(sums_ptr + at, mask=m, other=0.0)
+    norm = tl.maximum(tl.sqrt(tl.sum(sums * sums, axis=1)), 1e-6)
+    new = sums / norm[:, None]
+    keep = tl.load(cnt_ptr + offs_k, mask=kmask, other=0) == 0
+    prev = tl.load(prev_ptr + at, mask=m & keep[:, None], other=0.0).to(tl.float32)
+    tl.store(out_ptr + at, tl.where(keep[:, None], prev, new).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def kmeans_centroids_ref(sums: torch.Tensor, counts: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """Plain-torch ``kmeans_centroids``."""
+    unit = sums / sums.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return torch.where(counts[..., None] > 0, unit, prev.float()).to(prev.dtype)
+
+
+def kmeans_centroids(sums: torch.Tensor, counts: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """Next unit centroids: sums [S, K, D] fp32, counts [S, K] int32, prev [S, K, D] (the current
+    centroids, whose dtype the result takes). Rows of an empty cluster keep ``prev``."""
+    assert sums.dtype == torch.float32 and sums.shape == prev.shape and counts.shape == sums.shape[:2]
+    if not use_triton(sums, counts, prev):
+        return kmeans_centroids_ref(sums, counts, prev)
+    sums, counts, prev = sums.contiguous(), counts.contiguous(), prev.contiguous()
+    out = torch.empty_like(prev)
+    rows, D = sums.shape[0] * sums.shape[1], sums.shape[2]
+    if rows == 0:
+        return out
+    BLOCK_K = 16
+    _kmeans_centroids_kernel[(cdiv(rows, BLOCK_K),)](sums, counts, prev, out, rows, D, BLOCK_K=BLOCK_K,
+                                                     BLOCK_D=max(16, next_pow2(D)), num_warps=4)
+    return out
 
 
 def _check_assign(x, centroids, n_valid):
@@ -126,20 +160,6 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor,
     Returns idx [S, N] int64 (first k on exact ties; -1 for rows n >= n_valid[s])."""
     if not use_triton(x, centroids):
         return kmeans_assign_ref(x, centroids, n_valid)
-    return _assign(x, centroids, n_valid, update=False)[0]
-
-
-def kmeans_step(x: torch.Tensor, centroids: torch.Tensor, n_valid: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One k-means iteration: ``kmeans_assign`` and the ``kmeans_update`` of its assignment in
-    one pass over x. Returns idx [S, N] int64, sums [S, K, D] float32, counts [S, K] int32."""
-    if not use_triton(x, centroids):
-        idx = kmeans_assign_ref(x, centroids, n_valid)
-        return (idx, *kmeans_update_ref(x, idx, centroids.shape[1]))
-    return _assign(x, centroids, n_valid, update=True)
-
-
-def _assign(x, centroids, n_valid, update: bool):
     S, N, D, K = _check_assign(x, centroids, n_valid)
     assert K >= 1
     check_last_contiguous("x", x)
@@ -148,22 +168,20 @@ def _assign(x, centroids, n_valid, update: bool):
         dt = torch.promote_types(x.dtype, centroids.dtype)
         x, centroids = x.to(dt), centroids.to(dt)
     idx = torch.empty(S, N, device=x.device, dtype=torch.int64)
-    sums = torch.zeros(S, K, D, device=x.device, dtype=torch.float32) if update else idx
-    counts = torch.zeros(S, K, device=x.device, dtype=torch.int32) if update else idx
     if S * N == 0:
-        return idx, sums, counts
+        return idx
     bn, bk = TUNE["block_n"], TUNE["block_k"]
     BLOCK_N = bn if N >= bn else max(16, next_pow2(N))
     BLOCK_K = bk if K >= bk else max(16, next_pow2(K))
     _kmeans_assign_kernel[(S, cdiv(N, BLOCK_N))](
-        x, centroids, n_valid if n_valid is not None else idx, idx, sums, counts,
+        x, centroids, n_valid if n_valid is not None else idx, idx,
         x.stride(0), x.stride(1), centroids.stride(0), centroids.stride(1),
         N, K, D,
-        HAS_NV=n_valid is not None, UPDATE=update, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        HAS_NV=n_valid is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         BLOCK_D=max(16, next_pow2(D)), PRECISION=dot_precision(x.dtype),
         num_warps=8 if BLOCK_N * BLOCK_K >= 8192 else 4, num_stages=TUNE["num_stages"],
     )
-    return idx, sums, counts
+    return idx
 
 
 def _check_update(x, idx, K):
@@ -208,4 +226,5 @@ def kmeans_update(x: torch.Tensor, idx: torch.Tensor, K: int) -> tuple[torch.Ten
     return sums, counts
 
 
-__all__ = ["kmeans_assign", "kmeans_assign_ref", "kmeans_step", "kmeans_update", "kmeans_update_ref"]
+__all__ = ["kmeans_assign", "kmeans_assign_ref", "kmeans_centroids", "kmeans_centroids_ref", "kmeans_update",
+           "kmeans_update_ref"]

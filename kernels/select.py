@@ -22,9 +22,7 @@ of its row's valid entries; the same kernel body runs 6 stages (launches):
   counts of the chunks before it, so the output is deterministic; positions past r / e get -1.
 
 Every program rebuilds the thresholds from the earlier stages' histograms (a scan of 2 x 256
-counts per pass), so no stage writes state that another program of the same launch reads. With
-one program per row (many rows: the GPU is full without splits) the 6 stages run in one launch,
-separated by barriers: that program is the only one to touch its row's state. No host
+counts per pass), so no stage writes state that another program of the same launch reads. No host
 synchronisation and fixed output shapes: CUDA-graph capturable.
 """
 
@@ -34,8 +32,7 @@ import torch
 
 from ._triton_util import cdiv, check_last_contiguous, lazy_jit, next_pow2, pick_splits, tl, use_triton
 
-# fuse_rows: from this many rows on, one program per row runs all stages in one launch
-TUNE = {"block": 1024, "num_warps": 4, "waves": 4, "fuse_rows": 1 << 30}   # not yet swept on the GPU
+TUNE = {"block": 2048, "num_warps": 8, "waves": 4}   # H100 sweep (bench_kernels --only select)
 
 
 @lazy_jit
@@ -43,116 +40,114 @@ def _select_kernel(
     sc_ptr, cnt_ptr, ret_n_ptr, est_n_ptr, hist_ptr, part_ptr, ret_ptr, est_ptr,
     stride_ss, stride_sh, stride_rs, stride_rh, stride_es, stride_eh,
     HKV, W, R, E, ROWS, NUM_SPLITS,
-    FIRST: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    STAGE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):
-    for STAGE in tl.static_range(FIRST, LAST + 1):   # one stage per launch, or all of them
-        row = tl.program_id(0)
-        split = tl.program_id(1)
-        s = (row // HKV).to(tl.int64)
-        h = (row % HKV).to(tl.int64)
-        n = tl.maximum(tl.minimum(tl.load(cnt_ptr + s).to(tl.int32), W), 0)
-        r = tl.minimum(tl.maximum(tl.load(ret_n_ptr + s).to(tl.int32), 0), tl.minimum(n, R))
-        e = tl.minimum(tl.maximum(tl.load(est_n_ptr + s).to(tl.int32), 0), tl.minimum(n - r, E))
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    s = (row // HKV).to(tl.int64)
+    h = (row % HKV).to(tl.int64)
+    n = tl.maximum(tl.minimum(tl.load(cnt_ptr + s).to(tl.int32), W), 0)
+    r = tl.minimum(tl.maximum(tl.load(ret_n_ptr + s).to(tl.int32), 0), tl.minimum(n, R))
+    e = tl.minimum(tl.maximum(tl.load(est_n_ptr + s).to(tl.int32), 0), tl.minimum(n - r, E))
 
-        # Thresholds so far. Lane 0: rank r (retrieval), lane 1: rank r + e. `pre` holds the digits
-        # found (unsigned key bits), `need` how many keys sharing them are still to be taken.
-        two = tl.arange(0, 2)
-        bins = tl.arange(0, 256)
-        need = tl.where(two == 0, r, r + e)
-        pre = tl.zeros([2], tl.int32)
-        for q in tl.static_range(4):
-            if q < STAGE:
-                hq = tl.load(hist_ptr + (q * ROWS + row) * 512 + two[:, None] * 256 + bins[None, :])
-                above = tl.sum(hq, axis=1)[:, None] - tl.cumsum(hq, axis=1)   # keys of a larger digit
-                d = tl.sum((above + hq >= need[:, None]).to(tl.int32), axis=1) - 1
-                need -= tl.sum(tl.where(bins[None, :] == d[:, None], above, 0), axis=1)
-                pre = pre | (d << (24 - 8 * q))
-        pre_r = tl.sum(tl.where(two == 0, pre, 0))
-        pre_k = tl.sum(tl.where(two == 1, pre, 0))
+    # Thresholds so far. Lane 0: rank r (retrieval), lane 1: rank r + e. `pre` holds the digits
+    # found (unsigned key bits), `need` how many keys sharing them are still to be taken.
+    two = tl.arange(0, 2)
+    bins = tl.arange(0, 256)
+    need = tl.where(two == 0, r, r + e)
+    pre = tl.zeros([2], tl.int32)
+    for q in tl.static_range(4):
+        if q < STAGE:
+            hq = tl.load(hist_ptr + (q * ROWS + row) * 512 + two[:, None] * 256 + bins[None, :])
+            above = tl.sum(hq, axis=1)[:, None] - tl.cumsum(hq, axis=1)   # keys of a larger digit
+            d = tl.sum((above + hq >= need[:, None]).to(tl.int32), axis=1) - 1
+            need -= tl.sum(tl.where(bins[None, :] == d[:, None], above, 0), axis=1)
+            pre = pre | (d << (24 - 8 * q))
+    pre_r = tl.sum(tl.where(two == 0, pre, 0))
+    pre_k = tl.sum(tl.where(two == 1, pre, 0))
 
-        n_blocks = tl.cdiv(n, BLOCK)
-        per = tl.cdiv(n_blocks, NUM_SPLITS)
-        lo = split * per * BLOCK
-        hi = tl.minimum(lo + per * BLOCK, n)
-        offs = tl.arange(0, BLOCK)
-        sc_row = sc_ptr + s * stride_ss + h * stride_sh
+    n_blocks = tl.cdiv(n, BLOCK)
+    per = tl.cdiv(n_blocks, NUM_SPLITS)
+    lo = split * per * BLOCK
+    hi = tl.minimum(lo + per * BLOCK, n)
+    offs = tl.arange(0, BLOCK)
+    sc_row = sc_ptr + s * stride_ss + h * stride_sh
 
-        if STAGE < 4:
-            SHIFT = 24 - 8 * STAGE
-            acc_r = tl.zeros([256], tl.int32)
-            acc_k = tl.zeros([256], tl.int32)
-            for start in range(lo, hi, BLOCK):
-                idx = start + offs
-                valid = idx < hi
-                b = tl.load(sc_row + idx, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-                b = tl.where(b == -2147483648, 0, b)                          # -0.0 -> +0.0
-                u = tl.where(b < 0, b ^ 0x7FFFFFFF, b) ^ -2147483648          # unsigned order = float order
-                digit = (u >> SHIFT) & 255    # int32 shifts are arithmetic: masked here, compared for equality below
-                if STAGE == 0:
-                    acc_r += tl.histogram(digit, 256, mask=valid)
-                else:
-                    acc_r += tl.histogram(digit, 256, mask=valid & ((u >> (SHIFT + 8)) == (pre_r >> (SHIFT + 8))))
-                    acc_k += tl.histogram(digit, 256, mask=valid & ((u >> (SHIFT + 8)) == (pre_k >> (SHIFT + 8))))
-            out = hist_ptr + (STAGE * ROWS + row) * 512 + bins
-            tl.atomic_add(out, acc_r)
-            tl.atomic_add(out + 256, acc_r if STAGE == 0 else acc_k)
-        else:
-            t_r = pre_r ^ -2147483648                                         # back to signed keys
-            t_k = pre_k ^ -2147483648
-            need_r = tl.sum(tl.where(two == 0, need, 0))
-            need_k = tl.sum(tl.where(two == 1, need, 0))
-            part = part_ptr + row * NUM_SPLITS * 4
+    if STAGE < 4:
+        SHIFT = 24 - 8 * STAGE
+        acc_r = tl.zeros([256], tl.int32)
+        acc_k = tl.zeros([256], tl.int32)
+        for start in range(lo, hi, BLOCK):
+            idx = start + offs
+            valid = idx < hi
+            b = tl.load(sc_row + idx, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+            b = tl.where(b == -2147483648, 0, b)                          # -0.0 -> +0.0
+            u = tl.where(b < 0, b ^ 0x7FFFFFFF, b) ^ -2147483648          # unsigned order = float order
+            digit = (u >> SHIFT) & 255    # int32 shifts are arithmetic: masked here, compared for equality below
+            if STAGE == 0:
+                acc_r += tl.histogram(digit, 256, mask=valid)
+            else:
+                acc_r += tl.histogram(digit, 256, mask=valid & ((u >> (SHIFT + 8)) == (pre_r >> (SHIFT + 8))))
+                acc_k += tl.histogram(digit, 256, mask=valid & ((u >> (SHIFT + 8)) == (pre_k >> (SHIFT + 8))))
+        out = hist_ptr + (STAGE * ROWS + row) * 512 + bins
+        tl.atomic_add(out, acc_r)
+        tl.atomic_add(out + 256, acc_r if STAGE == 0 else acc_k)
+    else:
+        t_r = pre_r ^ -2147483648                                         # back to signed keys
+        t_k = pre_k ^ -2147483648
+        need_r = tl.sum(tl.where(two == 0, need, 0))
+        need_k = tl.sum(tl.where(two == 1, need, 0))
+        part = part_ptr + row * NUM_SPLITS * 4
+        if STAGE == 4:
+            gt_r = 0
+            eq_r = 0
+            gt_k = 0
+            eq_k = 0
+        else:   # counts of the chunks before this one
+            sp = tl.arange(0, BLOCK_SPLITS)
+            before = sp < split
+            gt_r = tl.sum(tl.load(part + sp * 4 + 0, mask=before, other=0))
+            eq_r = tl.sum(tl.load(part + sp * 4 + 1, mask=before, other=0))
+            gt_k = tl.sum(tl.load(part + sp * 4 + 2, mask=before, other=0))
+            eq_k = tl.sum(tl.load(part + sp * 4 + 3, mask=before, other=0))
+        taken_r = gt_r + tl.minimum(eq_r, need_r)       # ranks < r before this chunk
+        pos_r = taken_r
+        pos_e = gt_k + tl.minimum(eq_k, need_k) - taken_r
+        for start in range(lo, hi, BLOCK):
+            idx = start + offs
+            valid = idx < hi
+            b = tl.load(sc_row + idx, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+            b = tl.where(b == -2147483648, 0, b)
+            key = tl.where(b < 0, b ^ 0x7FFFFFFF, b)                      # signed order = float order
+            tie_r = valid & (key == t_r)
+            tie_k = valid & (key == t_k)
             if STAGE == 4:
-                gt_r = 0
-                eq_r = 0
-                gt_k = 0
-                eq_k = 0
-            else:   # counts of the chunks before this one
-                sp = tl.arange(0, BLOCK_SPLITS)
-                before = sp < split
-                gt_r = tl.sum(tl.load(part + sp * 4 + 0, mask=before, other=0))
-                eq_r = tl.sum(tl.load(part + sp * 4 + 1, mask=before, other=0))
-                gt_k = tl.sum(tl.load(part + sp * 4 + 2, mask=before, other=0))
-                eq_k = tl.sum(tl.load(part + sp * 4 + 3, mask=before, other=0))
-            taken_r = gt_r + tl.minimum(eq_r, need_r)       # ranks < r before this chunk
-            pos_r = taken_r
-            pos_e = gt_k + tl.minimum(eq_k, need_k) - taken_r
-            for start in range(lo, hi, BLOCK):
-                idx = start + offs
-                valid = idx < hi
-                b = tl.load(sc_row + idx, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-                b = tl.where(b == -2147483648, 0, b)
-                key = tl.where(b < 0, b ^ 0x7FFFFFFF, b)                      # signed order = float order
-                tie_r = valid & (key == t_r)
-                tie_k = valid & (key == t_k)
-                if STAGE == 4:
-                    gt_r += tl.sum((valid & (key > t_r)).to(tl.int32))
-                    gt_k += tl.sum((valid & (key > t_k)).to(tl.int32))
-                else:
-                    c_r = tl.cumsum(tie_r.to(tl.int32), axis=0)              # inclusive tie ranks
-                    c_k = tl.cumsum(tie_k.to(tl.int32), axis=0)
-                    in_r = valid & ((key > t_r) | (tie_r & (eq_r + c_r <= need_r)))
-                    in_k = valid & ((key > t_k) | (tie_k & (eq_k + c_k <= need_k)))
-                    in_e = in_k & ~in_r
-                    p_r = pos_r + tl.cumsum(in_r.to(tl.int32), axis=0) - 1
-                    p_e = pos_e + tl.cumsum(in_e.to(tl.int32), axis=0) - 1
-                    tl.store(ret_ptr + s * stride_rs + h * stride_rh + p_r, idx, mask=in_r & (p_r < R))
-                    tl.store(est_ptr + s * stride_es + h * stride_eh + p_e, idx, mask=in_e & (p_e < E))
-                    pos_r += tl.sum(in_r.to(tl.int32))
-                    pos_e += tl.sum(in_e.to(tl.int32))
-                eq_r += tl.sum(tie_r.to(tl.int32))
-                eq_k += tl.sum(tie_k.to(tl.int32))
-            if STAGE == 4:
-                tl.store(part + split * 4 + tl.arange(0, 4),
-                         tl.where(tl.arange(0, 4) == 0, gt_r, tl.where(tl.arange(0, 4) == 1, eq_r,
-                                  tl.where(tl.arange(0, 4) == 2, gt_k, eq_k))))
-            else:   # padding, spread over the row's programs
-                for t in range(r + split * BLOCK, R, NUM_SPLITS * BLOCK):
-                    tl.store(ret_ptr + s * stride_rs + h * stride_rh + t + offs, -1, mask=t + offs < R)
-                for t in range(e + split * BLOCK, E, NUM_SPLITS * BLOCK):
-                    tl.store(est_ptr + s * stride_es + h * stride_eh + t + offs, -1, mask=t + offs < E)
+                gt_r += tl.sum((valid & (key > t_r)).to(tl.int32))
+                gt_k += tl.sum((valid & (key > t_k)).to(tl.int32))
+            else:
+                c_r = tl.cumsum(tie_r.to(tl.int32), axis=0)              # inclusive tie ranks
+                c_k = tl.cumsum(tie_k.to(tl.int32), axis=0)
+                in_r = valid & ((key > t_r) | (tie_r & (eq_r + c_r <= need_r)))
+                in_k = valid & ((key > t_k) | (tie_k & (eq_k + c_k <= need_k)))
+                in_e = in_k & ~in_r
+                p_r = pos_r + tl.cumsum(in_r.to(tl.int32), axis=0) - 1
+                p_e = pos_e + tl.cumsum(in_e.to(tl.int32), axis=0) - 1
+                tl.store(ret_ptr + s * stride_rs + h * stride_rh + p_r, idx, mask=in_r & (p_r < R))
+                tl.store(est_ptr + s * stride_es + h * stride_eh + p_e, idx, mask=in_e & (p_e < E))
+                pos_r += tl.sum(in_r.to(tl.int32))
+                pos_e += tl.sum(in_e.to(tl.int32))
+            eq_r += tl.sum(tie_r.to(tl.int32))
+            eq_k += tl.sum(tie_k.to(tl.int32))
+        if STAGE == 4:
+            tl.store(part + split * 4 + tl.arange(0, 4),
+                     tl.where(tl.arange(0, 4) == 0, gt_r, tl.where(tl.arange(0, 4) == 1, eq_r,
+                              tl.where(tl.arange(0, 4) == 2, gt_k, eq_k))))
+        else:   # padding, spread over the row's programs
+            for t in range(r + split * BLOCK, R, NUM_SPLITS * BLOCK):
+                tl.store(ret_ptr + s * stride_rs + h * stride_rh + t + offs, -1, mask=t + offs < R)
+            for t in range(e + split * BLOCK, E, NUM_SPLITS * BLOCK):
+                tl.store(est_ptr + s * stride_es + h * stride_eh + t + offs, -1, mask=t + offs < E)
 
-        tl.debug_barrier()      # a fused launch: this stage's counts, read by the next
 
 def _check(scores, counts, retrieve, estimate, R, E):
     assert scores.dim() == 3 and scores.dtype == torch.float32, (scores.shape, scores.dtype)
@@ -191,8 +186,7 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
 
     scores: [S, H, W] float32 (last dim contiguous); counts, retrieve, estimate: [S] int.
     R, E (<= W): static widths of the outputs. Returns ``ret [S, H, R]`` and ``est [S, H, E]``
-    int32 local ids (0 .. W-1), padded with -1. ``num_splits`` overrides the programs per row
-    (1: every stage in one launch).
+    int32 local ids (0 .. W-1), padded with -1. ``num_splits`` overrides the programs per row.
     """
     if not use_triton(scores, counts, retrieve, estimate):
         return select_zones_ref(scores, counts, retrieve, estimate, R, E)
@@ -207,18 +201,17 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
     block = TUNE["block"]
     max_blocks = max(1, cdiv(W, block))
     if num_splits is None:
-        num_splits = 1 if rows >= TUNE["fuse_rows"] else pick_splits(rows, max_blocks, dev, TUNE["waves"])
+        num_splits = pick_splits(rows, max_blocks, dev, TUNE["waves"])
     num_splits = max(1, min(int(num_splits), max_blocks))
     hist = torch.zeros(4, rows, 2, 256, device=dev, dtype=torch.int32)
     part = torch.empty(rows, num_splits, 4, device=dev, dtype=torch.int32)
     counts, retrieve, estimate = counts.contiguous(), retrieve.contiguous(), estimate.contiguous()
-    launches = [(0, 5)] if num_splits == 1 else [(st, st) for st in range(6)]
-    for first, last in launches:
+    for stage in range(6):
         _select_kernel[(rows, num_splits)](
             scores, counts, retrieve, estimate, hist, part, ret, est,
             scores.stride(0), scores.stride(1), ret.stride(0), ret.stride(1), est.stride(0), est.stride(1),
             H, W, R, E, rows, num_splits,
-            FIRST=first, LAST=last, BLOCK=block, BLOCK_SPLITS=next_pow2(max(num_splits, 2)),
+            STAGE=stage, BLOCK=block, BLOCK_SPLITS=next_pow2(max(num_splits, 2)),
             num_warps=TUNE["num_warps"],
         )
     return ret, est

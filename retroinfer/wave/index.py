@@ -55,7 +55,7 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
     `segment` rows are clustered independently (spherical k-means, max inner product against unit
     centroids). An x already holding ``segment_layout``'s padded length (zeros past n) is used in
     place. Returns the unit centroids [H, C, D] of all segments together."""
-    from ..kernels.kmeans import kmeans_step
+    from ..kernels.kmeans import kmeans_assign, kmeans_centroids, kmeans_update
 
     H, D = x.shape[0], x.shape[2]
     N = x.shape[1] if n is None else n
@@ -71,15 +71,15 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
     pick = (torch.arange(K, device=x.device)[None, :] * n_valid[:, None].long()) // K
     c = _normalise(xs[torch.arange(H * nseg, device=x.device)[:, None], pick].float()).to(x.dtype)
     for _ in range(iters):
-        _, sums, counts = kmeans_step(xs, c, n_valid)
-        c = torch.where(counts[..., None] > 0, _normalise(sums), c.float()).to(x.dtype)
+        sums, counts = kmeans_update(xs, kmeans_assign(xs, c, n_valid), K)
+        c = kmeans_centroids(sums, counts, c)
     return c.reshape(H, nseg * K, D)
 
 
 def build_index(k: torch.Tensor, v: torch.Tensor, wave: WaveConfig, clusters: int | None = None,
                 segment: int | None = None) -> ClusterIndex:
     """k, v: [T, Hkv, D] keys (after RoPE) and values of the tokens to index."""
-    from ..kernels.kmeans import kmeans_step, kmeans_update
+    from ..kernels.kmeans import kmeans_assign, kmeans_update
 
     kh, vh = k.transpose(0, 1), v.transpose(0, 1)              # [H, T, D] views
     H, T, D = kh.shape
@@ -95,15 +95,18 @@ def build_index(k: torch.Tensor, v: torch.Tensor, wave: WaveConfig, clusters: in
     C = unit.shape[1]
     # Global pass: every key to its best centroid of all segments, with the clusters' sums of
     # centred keys (a cluster's mean key is that sum over its size, plus the mean).
-    assign, csum, sizes = kmeans_step(centred[:, :T], unit)     # [H, T], [H, C, D], [H, C]
+    assign = kmeans_assign(centred[:, :T], unit)                # [H, T]
+    csum, sizes = kmeans_update(centred[:, :T], assign, C)      # [H, C, D], [H, C]
     vsum, _ = kmeans_update(vh, assign, C)
+    # Cluster-contiguous order: one row copy per key (row t of head h is row t * H + h of [T * H, D]).
     order = assign.argsort(dim=1, stable=True)
-    heads = torch.arange(H, device=k.device)[:, None]
+    flat = (order * H + torch.arange(H, device=k.device)[:, None]).flatten()
     denom = sizes.clamp_min(1)[..., None].float()
     offsets = torch.zeros(H, C + 1, dtype=torch.int32, device=k.device)
     offsets[:, 1:] = sizes.cumsum(1)
     return ClusterIndex(
-        keys=kh[heads, order], values=vh[heads, order], offsets=offsets,
+        keys=k.reshape(T * H, D).index_select(0, flat).view(H, T, D),
+        values=v.reshape(T * H, D).index_select(0, flat).view(H, T, D), offsets=offsets,
         centroids=(csum / denom + mean[:, None]).to(k.dtype),   # empty clusters: the mean key, never weighed
         value_mean=(vsum / denom).to(v.dtype),
         log_size=torch.where(sizes > 0, sizes.float().log(), float("-inf")),

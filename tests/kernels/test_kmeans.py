@@ -2,7 +2,8 @@ import pytest
 import torch
 from kernel_testutil import GPU, INTERP_DTYPES, GPU_DTYPES, gen, randn, rel_err
 
-from retroinfer.kernels import kmeans_assign, kmeans_assign_ref, kmeans_step, kmeans_update, kmeans_update_ref
+from retroinfer.kernels import (kmeans_assign, kmeans_assign_ref, kmeans_centroids, kmeans_centroids_ref, kmeans_update,
+                               kmeans_update_ref)
 
 # (S, N, K, D, n_valid or None)
 INTERP = [
@@ -75,18 +76,20 @@ def test_kmeans_update_matches_ref(device, dtype, case):
 
 
 @pytest.mark.parametrize("device,dtype,case", params(INTERP, GPU_ONLY))
-def test_kmeans_step_is_assign_then_update(device, dtype, case):
-    S, N, K, D, nv = case
-    g = gen(device, "step", dtype, case)
-    x = randn(g, S, N, D, dtype=dtype)
-    cen = torch.nn.functional.normalize(randn(g, S, K, D), dim=-1).to(dtype)
-    n_valid = torch.tensor(nv, dtype=torch.int32, device=device) if nv is not None else None
-    idx, sums, counts = kmeans_step(x, cen, n_valid)
-    assert torch.equal(idx, kmeans_assign(x, cen, n_valid))     # the same kernel's assignment
-    ref_sums, ref_counts = kmeans_update_ref(x, idx, K)
-    assert sums.dtype == torch.float32 and sums.shape == (S, K, D)
-    assert torch.equal(counts, ref_counts) and int(counts.sum()) == int((idx >= 0).sum())
-    assert rel_err(sums, ref_sums) < 1e-5
+def test_kmeans_centroids_matches_ref(device, dtype, case):
+    S, _, K, D, _ = case
+    g = gen(device, "centroids", dtype, case)
+    sums = randn(g, S, K, D) * 30
+    counts = torch.randint(0, 3, (S, K), generator=g, device=device).to(torch.int32)   # 0: empty cluster
+    prev = randn(g, S, K, D, dtype=dtype)
+    got = kmeans_centroids(sums, counts, prev)
+    ref = kmeans_centroids_ref(sums, counts, prev)
+    assert got.dtype == dtype and got.shape == prev.shape
+    empty = counts == 0
+    assert torch.equal(got[empty], prev[empty])
+    assert rel_err(got[~empty].float(), ref[~empty].float()) < (1e-6 if dtype == torch.float32 else 1e-2)
+    norms = got[~empty].float().norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-2)
 
 
 def test_kmeans_refs_naive():
