@@ -97,7 +97,7 @@ def bench_case(T: int, B: int, wave: WaveConfig, profile: bool = False) -> dict:
 def bench_build(T: int, wave: WaveConfig, profile: bool = False) -> dict:
     """Index build of one layer against that layer's prefill attention (flash, causal)."""
     g = torch.Generator(device="cuda").manual_seed(7)
-    k, v = clustered_kv(T, g)
+    k, v = (x.contiguous() for x in clustered_kv(T, g))     # token-major [T, Hkv, D], as the model writes it
     q = torch.randn(T, HQ, D, device="cuda", generator=g, dtype=torch.bfloat16)
     attn_s = cuda_time(lambda: causal_attention(q, k, v, 0), iters=5, warmup=1)
     build_s = cuda_time(lambda: build_index(k[4:T - 64], v[4:T - 64], wave), iters=5, warmup=1)

@@ -68,7 +68,7 @@ def profile_steps(engine: LLMEngine, steps: int = 5, top: int = 15) -> None:
 
 
 def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int,
-              synthesize: bool = False, profile: bool = False) -> dict:
+              synthesize: bool = False, profile: bool = False, warmup: int = 3) -> dict:
     g = torch.Generator().manual_seed(seed)
     mc = engine.model_cfg
     params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
@@ -90,7 +90,7 @@ def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int
         torch.cuda.synchronize()
         prefill_s.append(time.perf_counter() - t0)
     assert len(engine.running) == batch, "all sequences must be running"
-    for _ in range(3):                     # warm-up decode steps
+    for _ in range(warmup):                # warm-up decode steps (they also fill the GPU cluster cache)
         engine.step()
     torch.cuda.synchronize()
     for st in engine.executor.stages:
@@ -129,6 +129,9 @@ def main() -> None:
     ap.add_argument("--host-kv-gb", type=float, default=None)
     ap.add_argument("--cache-fraction", type=float, default=WaveConfig.cache_fraction,
                     help="offload: GPU cluster cache as a share of the host pool (0: none)")
+    ap.add_argument("--cache-slot-rows", type=int, default=WaveConfig.cache_slot_rows,
+                    help="offload: rows of a cluster the GPU cache keeps (a multiple of 16)")
+    ap.add_argument("--warmup", type=int, default=3, help="decode steps before the timed ones")
     ap.add_argument("--synthesize", action="store_true",
                     help="write synthetic clustered prompt KV straight into the cache instead of prefilling")
     ap.add_argument("--graphs", default="both", choices=["on", "off", "both"],
@@ -144,7 +147,8 @@ def main() -> None:
     bw = hbm_bandwidth()
     cfg = EngineConfig(model=a.model, attention=a.attention, dtype=a.dtype, device="cuda",
                        max_batch=max(batches) or 16, max_model_len=max(contexts) + a.steps + 64,
-                       prefill_chunk=8192, prefill_slice_s=None, wave=WaveConfig(cache_fraction=a.cache_fraction),
+                       prefill_chunk=8192, prefill_slice_s=None,
+                       wave=WaveConfig(cache_fraction=a.cache_fraction, cache_slot_rows=a.cache_slot_rows),
                        offload=a.offload,
                        host_kv_budget_bytes=int(a.host_kv_gb * 2**30) if a.host_kv_gb else None)
     t0 = time.perf_counter()
@@ -168,7 +172,7 @@ def main() -> None:
         for graphs in modes:
             for st in engine.executor.stages:
                 st.graphs = graph_runners[st] if graphs else None
-            r = run_batch(engine, b, context, a.steps, seed=b, synthesize=a.synthesize,
+            r = run_batch(engine, b, context, a.steps, seed=b, synthesize=a.synthesize, warmup=a.warmup,
                           profile=a.profile and bi == len(batches) * len(contexts) - 1 and graphs == modes[0])
             kv_read = b * (context + a.steps // 2) * per_token
             roof_ms = (weight_bytes + kv_read) / bw * 1e3 if a.attention == "full" else None
@@ -183,6 +187,7 @@ def main() -> None:
     write_result(a.name or f"decode_{a.attention}", {
         "model": a.model, "attention": a.attention, "offload": a.offload, "synthesized_kv": a.synthesize,
         "cache_fraction": a.cache_fraction if a.offload else None,
+        "cache_slot_rows": a.cache_slot_rows if a.offload else None, "warmup_steps": a.warmup,
         "dtype": a.dtype, "hbm_bytes_per_s": bw,
         "weight_bytes": weight_bytes, "kv_bytes_per_token": engine.kv_bytes_for(1), "load_s": load_s,
         "kv_capacity_bytes": capacity, "rows": rows})
