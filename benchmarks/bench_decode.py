@@ -71,7 +71,7 @@ def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int
               synthesize: bool = False, profile: bool = False, warmup: int = 3) -> dict:
     g = torch.Generator().manual_seed(seed)
     mc = engine.model_cfg
-    params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=warmup + steps + 16, temperature=0, ignore_eos=True)
     prefill_s = []
     if not synthesize:   # compile every kernel of the prefill path before timing one
         engine.add_request(f"warm{batch}", list(range(1, 4097)), SamplingParams(max_tokens=1))
@@ -146,7 +146,7 @@ def main() -> None:
     contexts = [int(c) for c in a.context.split(",")]
     bw = hbm_bandwidth()
     cfg = EngineConfig(model=a.model, attention=a.attention, dtype=a.dtype, device="cuda",
-                       max_batch=max(batches) or 16, max_model_len=max(contexts) + a.steps + 64,
+                       max_batch=max(batches) or 16, max_model_len=max(contexts) + a.warmup + a.steps + 64,
                        prefill_chunk=8192, prefill_slice_s=None,
                        wave=WaveConfig(cache_fraction=a.cache_fraction, cache_slot_rows=a.cache_slot_rows),
                        offload=a.offload,
