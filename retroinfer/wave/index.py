@@ -87,9 +87,9 @@ def build_index(k: torch.Tensor, v: torch.Tensor, wave: WaveConfig, clusters: in
     nseg, seg_len = segment_layout(T, seg)
     # Keys centred in the KV dtype (bf16 dots use the tensor cores, fp32 ones would not), written
     # straight into the segments' padded layout.
-    mean = kh.mean(dim=1, dtype=torch.float32)                 # [H, D]
+    mean = kh.mean(dim=1, dtype=torch.float32).to(k.dtype)     # [H, D]; the one subtracted and added back
     centred = torch.empty(H, nseg * seg_len, D, device=k.device, dtype=k.dtype)
-    torch.sub(kh, mean[:, None].to(k.dtype), out=centred[:, :T])
+    torch.sub(kh, mean[:, None], out=centred[:, :T])
     centred[:, T:].zero_()
     unit = segmented_kmeans(centred, seg, wave.tokens_per_cluster, wave.kmeans_iters, clusters, n=T)
     C = unit.shape[1]
@@ -107,7 +107,7 @@ def build_index(k: torch.Tensor, v: torch.Tensor, wave: WaveConfig, clusters: in
     return ClusterIndex(
         keys=k.reshape(T * H, D).index_select(0, flat).view(H, T, D),
         values=v.reshape(T * H, D).index_select(0, flat).view(H, T, D), offsets=offsets,
-        centroids=(csum / denom + mean[:, None]).to(k.dtype),   # empty clusters: the mean key, never weighed
+        centroids=(csum / denom + mean[:, None].float()).to(k.dtype),   # empty clusters: the mean key, never weighed
         value_mean=(vsum / denom).to(v.dtype),
         log_size=torch.where(sizes > 0, sizes.float().log(), float("-inf")),
         max_cluster=int(sizes.max()))
