@@ -122,19 +122,26 @@ def _check(src_k, src_v, offsets, cluster_ids, dst_k, dst_v, dst_start):
     return Hkv, D, dst_k.shape[1]
 
 
+def _source_rows(offsets, cluster_ids):
+    """Per head, the source rows of the selected clusters in selection order: a list of Hkv
+    int64 tensors (the torch references' plan of what the kernel copies)."""
+    sizes, excl = _plan(offsets, cluster_ids)
+    src0 = offsets.gather(1, cluster_ids.long().clamp(0, max(offsets.shape[1] - 2, 0))).long()
+    out = []
+    for h in range(offsets.shape[0]):
+        n = int(sizes[h].sum())
+        rows = torch.repeat_interleave(src0[h] - excl[h].long(), sizes[h].long(), output_size=n)
+        out.append(rows + torch.arange(n, device=rows.device))
+    return out
+
+
 def gather_clusters_ref(src_k, src_v, offsets, cluster_ids, dst_k, dst_v, dst_start: int) -> torch.Tensor:
     """Plain-torch gather (loop over heads); the CPU path and the test oracle."""
     Hkv, D, Lmax = _check(src_k, src_v, offsets, cluster_ids, dst_k, dst_v, dst_start)
-    sizes, excl = _plan(offsets, cluster_ids)
-    C = offsets.shape[1] - 1
-    cid = cluster_ids.clamp(0, max(C - 1, 0))
-    src0 = offsets.gather(1, cid).long()
     lengths = torch.empty(Hkv, dtype=torch.int32, device=dst_k.device)
-    for h in range(Hkv):
-        n = int(sizes[h].sum())
-        w = min(n, Lmax - dst_start)
-        rows = torch.repeat_interleave(src0[h] - excl[h].long(), sizes[h].long(), output_size=n)
-        rows = (rows + torch.arange(n, device=rows.device))[:w]
+    for h, rows in enumerate(_source_rows(offsets, cluster_ids)):
+        rows = rows[:Lmax - dst_start]
+        w = rows.shape[0]
         dst_k[h, dst_start:dst_start + w] = src_k[h, rows]
         dst_v[h, dst_start:dst_start + w] = src_v[h, rows]
         lengths[h] = w
@@ -228,18 +235,13 @@ def gather_clusters_batched(src_k: torch.Tensor, src_v: torch.Tensor, offsets: t
 
 def cluster_rows_ref(offsets: torch.Tensor, cluster_ids: torch.Tensor, rows_out: torch.Tensor) -> torch.Tensor:
     """Plain-torch ``cluster_rows`` (the CPU path and the test oracle)."""
-    B, Hkv, R = cluster_ids.shape
-    Lmax = rows_out.shape[2]
+    B, Hkv, _ = cluster_ids.shape
     lengths = torch.zeros(B, Hkv, dtype=torch.int32, device=rows_out.device)
     for b in range(B):
-        sizes, excl = _plan(offsets, cluster_ids[b].long())
-        src0 = offsets.gather(1, cluster_ids[b].long().clamp(0, max(offsets.shape[1] - 2, 0))).long()
-        for h in range(Hkv):
-            n = int(sizes[h].sum())
-            rows = torch.repeat_interleave(src0[h] - excl[h].long(), sizes[h].long(), output_size=n)
-            w = min(n, Lmax)
-            rows_out[b, h, :w] = (rows + torch.arange(n, device=rows.device))[:w].to(torch.int32)
-            lengths[b, h] = w
+        for h, rows in enumerate(_source_rows(offsets, cluster_ids[b].long())):
+            rows = rows[:rows_out.shape[2]]
+            rows_out[b, h, :rows.shape[0]] = rows.to(torch.int32)
+            lengths[b, h] = rows.shape[0]
     return lengths
 
 
