@@ -226,12 +226,11 @@ def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     if rows is not None:
         assert k.dim() == 3 and v.shape == k.shape and rows.dim() == 3 and rows.dtype == torch.int32, \
             (k.shape, v.shape, rows.shape, rows.dtype)
-        assert rows.stride(2) == 1 and rows.device == k.device
+        assert rows.stride(2) == 1 and rows.device == k.device and log_w is None, "rows: no log weights"
         if not use_triton(q, k, v, rows):
             hh = torch.arange(k.shape[0], device=k.device)[None, :, None]
             pos = torch.where(torch.arange(rows.shape[2], device=k.device) < lengths[..., None], rows, 0).long()
             return _as_partial(weighted_decode_ref(q, k[hh, pos], v[hh, pos], lengths, log_w, scale), partial)
-        assert log_w is None, "no log weights with rows"
         k, v = k[None].expand(rows.shape[0], -1, -1, -1), v[None].expand(rows.shape[0], -1, -1, -1)   # stride_b 0
         assert rows.shape[:2] == k.shape[:2], (rows.shape, k.shape)
     elif not use_triton(q, k, v):
