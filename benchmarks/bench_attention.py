@@ -28,7 +28,7 @@ from retroinfer.wave.index import build_index  # noqa: E402
 HQ, HKV, D = 32, 8, 128
 
 
-def profile_kernels(title: str, fn, calls: int = 5, top: int = 12) -> None:
+def profile_kernels(title: str, fn, calls: int = 5, top: int = 20) -> None:
     """torch.profiler over `calls` calls of fn: the kernels that take the GPU time."""
     from torch.profiler import ProfilerActivity, profile
     fn()

@@ -55,7 +55,7 @@ def replay_ms(engine: LLMEngine, iters: int = 20) -> float | None:
     return start.elapsed_time(end) / iters
 
 
-def profile_steps(engine: LLMEngine, steps: int = 5, top: int = 15) -> None:
+def profile_steps(engine: LLMEngine, steps: int = 5, top: int = 25) -> None:
     """torch.profiler over decode steps: the kernels that take the most GPU time."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--graphs", default="both", choices=["on", "off", "both"],
                     help="CUDA-graph decode steps (where the backend allows): on, off, or both side by side")
     ap.add_argument("--profile", action="store_true",
-                    help="torch.profiler over 5 decode steps of the last batch: the top 15 GPU kernels")
+                    help="torch.profiler over 5 decode steps of the last batch: the top 25 GPU kernels")
     ap.add_argument("--name", default=None, help="result file name (default decode_<attention>)")
     a = ap.parse_args()
     if not torch.cuda.is_available():

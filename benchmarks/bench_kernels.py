@@ -122,7 +122,7 @@ def bench_weighted_decode(K, m, quick):
 
 def bench_estimate_decode(K, m, quick):
     """The estimation zone of a wave decode step, C clusters per sequence, S slots: estimate_decode
-    reading the cluster pool in place vs the path it replaces (WaveAttention._assemble's torch
+    reading the cluster pool in place vs the path it replaces (WaveAttention's former torch
     gathers of centroids / value means / log sizes into an [S, H, E, D] buffer, then
     weighted_decode), timed as torch_ms; merge_ms adds the merge_states the new path needs."""
     from retroinfer.config import WaveConfig
@@ -180,18 +180,18 @@ def bench_centroid_scores(K, m, quick):
 
 
 def bench_select(K, m, quick):
-    """The wave zones' choice per decode step and layer: select_zones (radix select, no sort) vs
-    the sorted topk it replaces (torch_ms; topk_graph_ms: the same replayed from a CUDA graph,
-    unsorted_ms: topk without the sort). S * HKV rows of W cluster scores, r = 1.8% and
-    e = 23.2% of W (WaveConfig.zone_sizes), caps R, E rounded up as the decode plan does.
-    Rows also sweep the kernel's block size / warps / programs per row (config
-    ``b<block>/<warps>/s<splits>``, select.TUNE; sauto: split rows as ``select_zones`` picks);
-    ``ok``: the same sets as select_zones_ref."""
+    """The wave zones' choice per decode step and layer: select_zones vs the sorted topk it
+    replaces (torch_ms; topk_graph_ms: the same replayed from a CUDA graph, unsorted_ms: topk
+    without the sort). S * HKV rows of W cluster scores, r = 1.8% and e = 23.2% of W
+    (WaveConfig.zone_sizes), caps R, E rounded up as the decode plan does. Config ``row``: the
+    one-launch method; ``b<block>/<warps>/s<splits>``: radix with that tile (select.TUNE; sauto:
+    split rows as ``select_zones`` picks); ``ok``: the same sets as select_zones_ref."""
     import retroinfer.kernels.select as sel
     from retroinfer.config import WaveConfig
 
     rows = []
-    for S, W in [(1, 2048), (8, 8192), (32, 8192), (1, 65536)]:   # 32K b1; 128K b8, b32; 1M b1
+    # 32K b1; 128K b8, b32; 512K b1, b8; 1M b1
+    for S, W in [(1, 2048), (8, 8192), (32, 8192), (1, 32768), (8, 32768), (1, 65536)]:
         r, e = WaveConfig().zone_sizes(W)
         R, E = -(-r // 16) * 16, -(-e // 64) * 64
         sc = torch.randn(S, HKV, G, W, device="cuda").mul(2).softmax(-1).sum(2)   # like centroid_scores
@@ -199,17 +199,19 @@ def bench_select(K, m, quick):
         ret_n, est_n = torch.full((S,), r, device="cuda"), torch.full((S,), e, device="cuda")
         ref = [x.sort(-1).values for x in K.select_zones_ref(sc, cnt, ret_n, est_n, R, E)]
         default = dict(sel.TUNE)
-        for block, warps, splits in ([(default["block"], default["num_warps"], None)] if quick else
-                                     [(1024, 4, None), (2048, 8, None), (4096, 8, None), (2048, 8, 1)]):
-            sel.TUNE.update(block=block, num_warps=warps)
+        radix = ([(default["block"], default["num_warps"], None)] if quick else
+                 [(1024, 4, None), (2048, 8, None), (4096, 8, None)])
+        row_ok = [("row", 0, 0, None)] if W <= 2 ** 14 else []
+        for method, block, warps, splits in row_ok + [("radix", *c) for c in radix]:
+            sel.TUNE.update(block=block or default["block"], num_warps=warps or default["num_warps"])
+            run = lambda: K.select_zones(sc, cnt, ret_n, est_n, R, E, splits, method=method)  # noqa: E731
             try:
-                got = K.select_zones(sc, cnt, ret_n, est_n, R, E, splits)
-                ok = all(torch.equal(a.sort(-1).values, b) for a, b in zip(got, ref))
-                row = {"kernel": "select_zones", "config": f"{S * HKV}x{W} b{block}/{warps}/s{splits or 'auto'}",
+                ok = all(torch.equal(a.sort(-1).values, b) for a, b in zip(run(), ref))
+                config = "row" if method == "row" else f"b{block}/{warps}/s{splits or 'auto'}"
+                row = {"kernel": "select_zones", "config": f"{S * HKV}x{W} {config}",
                        "bytes": S * HKV * (W + R + E) * 4, "ok": ok}
                 topk = lambda: sc.topk(R + E, dim=-1, sorted=True)    # noqa: E731
-                m(row, lambda: K.select_zones(sc, cnt, ret_n, est_n, R, E, splits), topk,
-                  unsorted=lambda: sc.topk(R + E, dim=-1, sorted=False))
+                m(row, run, topk, unsorted=lambda: sc.topk(R + E, dim=-1, sorted=False))
                 row["topk_graph_ms"] = m.tg(topk)
             finally:
                 sel.TUNE.update(default)

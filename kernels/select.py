@@ -11,9 +11,16 @@ are never selected, whatever they hold), ``r = min(retrieve[s], n, R)`` and
 as sets: the order inside each set is unspecified (deterministic, not ranked). Scores are fp32,
 never NaN; -0.0 equals +0.0.
 
-Triton: radix select on order-preserving int32 keys (fp32 bits, magnitude bits flipped for
-negatives), 4 passes of 8-bit digits. Grid ``(S * H, splits)``, each program one contiguous chunk
-of its row's valid entries; the same kernel body runs 6 stages (launches):
+Triton, on order-preserving int32 keys (fp32 bits, magnitude bits flipped for negatives), two
+methods:
+
+* ``row`` (rows up to ``TUNE["row_max"]`` entries): one program per row, one launch. The row's keys
+  stay in registers; 32 bisection steps on the key value find the rank-r and the rank-(r+e)
+  thresholds together (each step one count over the row, no histogram atomics); scans then place
+  the selected ids, ties by index.
+* ``radix`` (longer rows, which one program would take too long over): 4 passes of 8-bit digits.
+  Grid ``(S * H, splits)``, each program one contiguous chunk of its row's valid entries; the same
+  kernel body runs 6 stages (launches):
 
 * ``STAGE`` 0..3: histogram (256 bins) of digit ``STAGE`` of the keys whose higher digits equal
   those of the rank-r and the rank-(r+e) threshold found so far, added into ``hist`` atomically;
@@ -32,7 +39,82 @@ import torch
 
 from ._triton_util import cdiv, check_last_contiguous, lazy_jit, next_pow2, pick_splits, tl, use_triton
 
-TUNE = {"block": 2048, "num_warps": 8, "waves": 4}   # H100 sweep (bench_kernels --only select)
+TUNE = {"block": 2048, "num_warps": 8, "waves": 4,   # radix: H100 sweep (bench_kernels --only select)
+        "row_max": 16384}          # longest row for the one-launch method (at most 2**14: packed counts)
+
+
+def _row_warps(block: int) -> int:
+    return max(4, min(32, block // 1024))           # about 32 keys per thread
+
+
+@lazy_jit
+def _select_row_kernel(
+    sc_ptr, cnt_ptr, ret_n_ptr, est_n_ptr, ret_ptr, est_ptr,
+    stride_ss, stride_sh, stride_rs, stride_rh, stride_es, stride_eh,
+    HKV, W, R, E,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    s = (row // HKV).to(tl.int64)
+    h = (row % HKV).to(tl.int64)
+    n = tl.maximum(tl.minimum(tl.load(cnt_ptr + s).to(tl.int32), W), 0)
+    r = tl.minimum(tl.maximum(tl.load(ret_n_ptr + s).to(tl.int32), 0), tl.minimum(n, R))
+    e = tl.minimum(tl.maximum(tl.load(est_n_ptr + s).to(tl.int32), 0), tl.minimum(n - r, E))
+
+    offs = tl.arange(0, BLOCK)
+    valid = offs < n
+    b = tl.load(sc_ptr + s * stride_ss + h * stride_sh + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+    b = tl.where(b == -2147483648, 0, b)                                  # -0.0 -> +0.0
+    key = tl.where(b < 0, b ^ 0x7FFFFFFF, b)                              # signed order = float order
+    key = tl.where(valid, key, -2147483648)    # below every threshold tried (a valid key never is: NaN bits)
+
+    # The rank-r and rank-(r+e) keys: the largest t_r with count(key >= t_r) >= r, and t_k for
+    # r + e. Invariant: count(>= lo) >= need > count(>= hi). Both counts come from one reduction
+    # (t_k's in the high 16 bits; rows of at most 2**14 entries keep them apart).
+    need_r = r
+    need_k = r + e
+    lo_r = tl.full([], -2147483648, tl.int64)
+    hi_r = tl.full([], 2147483648, tl.int64)
+    lo_k = lo_r
+    hi_k = hi_r
+    for _ in tl.static_range(32):
+        mid_r = (lo_r + hi_r) >> 1
+        mid_k = (lo_k + hi_k) >> 1
+        c = tl.sum((key >= mid_r.to(tl.int32)).to(tl.int32) + ((key >= mid_k.to(tl.int32)).to(tl.int32) << 16))
+        ok_r = (c & 0xFFFF) >= need_r
+        ok_k = (c >> 16) >= need_k
+        lo_r = tl.where(ok_r, mid_r, lo_r)
+        hi_r = tl.where(ok_r, hi_r, mid_r)
+        lo_k = tl.where(ok_k, mid_k, lo_k)
+        hi_k = tl.where(ok_k, hi_k, mid_k)
+    t_r = lo_r.to(tl.int32)
+    t_k = lo_k.to(tl.int32)
+
+    # Keys equal to a threshold: all of them are taken unless there are more than needed, then
+    # the lowest indices (a scan, only in that rare case).
+    gt = tl.sum((key > t_r).to(tl.int32) + ((key > t_k).to(tl.int32) << 16))
+    eq = tl.sum((key == t_r).to(tl.int32) + ((key == t_k).to(tl.int32) << 16))
+    take_r = need_r - (gt & 0xFFFF)
+    take_k = need_k - (gt >> 16)
+    in_r = key >= t_r
+    in_k = key >= t_k
+    if (take_r < (eq & 0xFFFF)) | (take_k < (eq >> 16)):
+        tie_r = key == t_r
+        tie_k = key == t_k
+        c_tie = tl.cumsum(tie_r.to(tl.int32) + (tie_k.to(tl.int32) << 16), axis=0)
+        in_r = (key > t_r) | (tie_r & ((c_tie & 0xFFFF) <= take_r))
+        in_k = (key > t_k) | (tie_k & ((c_tie >> 16) <= take_k))
+    in_r = in_r & valid            # need 0: t = 2**31 - 1, above every valid key
+    in_e = in_k & valid & ~in_r
+    pos = tl.cumsum(in_r.to(tl.int32) + (in_e.to(tl.int32) << 16), axis=0)
+    p_r = (pos & 0xFFFF) - 1
+    p_e = (pos >> 16) - 1
+    ret_row = ret_ptr + s * stride_rs + h * stride_rh
+    est_row = est_ptr + s * stride_es + h * stride_eh
+    tl.store(ret_row + p_r, offs, mask=in_r & (p_r < R))
+    tl.store(est_row + p_e, offs, mask=in_e & (p_e < E))
+    tl.store(ret_row + offs, -1, mask=(offs >= r) & (offs < R))
+    tl.store(est_row + offs, -1, mask=(offs >= e) & (offs < E))
 
 
 @lazy_jit
@@ -181,12 +263,13 @@ def select_zones_ref(scores, counts, retrieve, estimate, R: int, E: int):
 
 def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Tensor,
                  estimate: torch.Tensor, R: int, E: int,
-                 num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_splits: int | None = None, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Retrieval and estimation ids of every row, without a sort (see the module docstring).
 
     scores: [S, H, W] float32 (last dim contiguous); counts, retrieve, estimate: [S] int.
     R, E (<= W): static widths of the outputs. Returns ``ret [S, H, R]`` and ``est [S, H, E]``
-    int32 local ids (0 .. W-1), padded with -1. ``num_splits`` overrides the programs per row.
+    int32 local ids (0 .. W-1), padded with -1. ``method``: "row" or "radix" (default: "row" up
+    to ``TUNE["row_max"]`` entries per row); ``num_splits`` overrides radix's programs per row.
     """
     if not use_triton(scores, counts, retrieve, estimate):
         return select_zones_ref(scores, counts, retrieve, estimate, R, E)
@@ -198,6 +281,19 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
     rows = S * H
     if rows == 0 or R + E == 0:
         return ret, est
+    counts, retrieve, estimate = counts.contiguous(), retrieve.contiguous(), estimate.contiguous()
+    if method is None:
+        method = "row" if W <= TUNE["row_max"] else "radix"
+    assert method in ("row", "radix"), method
+    if method == "row":
+        assert W <= 2 ** 14, f"method 'row' takes rows of at most 16384 entries, not {W}"
+        block = next_pow2(max(W, 16))
+        _select_row_kernel[(rows,)](
+            scores, counts, retrieve, estimate, ret, est,
+            scores.stride(0), scores.stride(1), ret.stride(0), ret.stride(1), est.stride(0), est.stride(1),
+            H, W, R, E, BLOCK=block, num_warps=_row_warps(block),
+        )
+        return ret, est
     block = TUNE["block"]
     max_blocks = max(1, cdiv(W, block))
     if num_splits is None:
@@ -205,7 +301,6 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
     num_splits = max(1, min(int(num_splits), max_blocks))
     hist = torch.zeros(4, rows, 2, 256, device=dev, dtype=torch.int32)
     part = torch.empty(rows, num_splits, 4, device=dev, dtype=torch.int32)
-    counts, retrieve, estimate = counts.contiguous(), retrieve.contiguous(), estimate.contiguous()
     for stage in range(6):
         _select_kernel[(rows, num_splits)](
             scores, counts, retrieve, estimate, hist, part, ret, est,

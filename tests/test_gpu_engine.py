@@ -71,13 +71,14 @@ def test_wave_default_budget_runs_bf16():
 
 
 def test_offload_equals_gpu_resident_wave():
-    """The wave buffer's host pool (zero-copy gathers) gives the GPU-resident index's tokens."""
+    """The wave buffer's host pool (zero-copy gathers, the cache's bookkeeping, the side stream,
+    replayed as CUDA graphs) gives the GPU-resident index's tokens, decoded eagerly."""
     # Every cluster retrieved and fp32: the result cannot depend on the (atomics-ordered) k-means.
     wave = WaveConfig(retrieval_frac=1.0, estimation_frac=0.0, segment_size=1024, update_every=256,
                       update_clusters=16)
     base = EngineConfig(model="random:llama3-8b", dtype="float32", device="cuda", attention="wave",
                         max_model_len=8192, wave=wave, max_batch=4)
     prompt = torch.randint(0, 128000, (6000,), generator=torch.Generator().manual_seed(3)).tolist()
-    resident = _generate(base, prompt, 300)
-    offload = _generate(base.with_overrides(offload=True, host_kv_budget_bytes=8 << 30), prompt, 300)
+    resident = _generate(base.with_overrides(cuda_graphs=False), prompt, 300)    # eager
+    offload = _generate(base.with_overrides(offload=True, host_kv_budget_bytes=8 << 30), prompt, 300)   # graphs
     assert offload == resident

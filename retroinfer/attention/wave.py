@@ -11,6 +11,7 @@ cluster cache per layer (wave/cache.py) serves the retrieved clusters it holds; 
 the misses over PCIe and admits them into the cache on the way."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -49,6 +50,33 @@ class WavePlan:
     shape: tuple[int, int, int, int, int]   # (slots S, score width W, retrieval cap R, estimation
                                             #  cap E, execution buffer rows of the retrieved KV)
     updates: list = field(default_factory=list)   # SeqStates whose steady zone is full
+
+
+class SideStream:
+    """A second CUDA stream for work that may overlap the current stream's (a no-op on CPU).
+
+    ``with side.fork():`` queues work on it after everything queued so far on the current stream;
+    ``join()`` makes the current stream wait for all of it. Memory stays safe without
+    ``record_stream``: what the side work reads was allocated earlier and is freed after the
+    join, and a block the side work frees is reused by later side work only, which a later
+    ``fork`` orders after the current stream's reads of it. Capturable in a CUDA graph (the fork
+    and the join are the graph's branches)."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def fork(self):
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -99,6 +127,7 @@ class WaveAttention(AttentionBackend):
         self.free_slots = list(range(max_seqs, 0, -1))      # slot 0: scratch (pools.scratch)
         self.seqs: dict[Hashable, SeqState] = {}
         self.max_cluster = 0           # over all sequences and layers: sizes the gather buffer
+        self.side = SideStream(self.device)
 
     def _host_tokens(self, budget: int, layers: int) -> int:
         """The most tokens whose pinned K and V of every layer stay within `budget` bytes."""
@@ -201,59 +230,69 @@ class WaveAttention(AttentionBackend):
         B, Hq, D = q.shape
         H = self.cfg.num_kv_heads
         p = self.pools
-        S = plan.shape[0]
+        S, W, R, E, cap = plan.shape
         ks, vs = p.k_steady[layer][:S], p.v_steady[layer][:S]
         ks[plan.slots, :, plan.write_pos] = k
         vs[plan.slots, :, plan.write_pos] = v
         q_slots = q.new_zeros((S, H, Hq // H, D))
         q_slots[plan.slots] = q.view(B, H, Hq // H, D)
-        # Every zone's split-K states, merged once (log-sum-exp) at the end.
-        zones = [weighted_decode(q_slots, ks, vs, plan.steady_len, None, self.scale, partial=True)]
-        if plan.shape[4]:
-            est_ids, k_x, v_x, rows, lengths = self._assemble(layer, plan, q_slots)
-            zones.append(weighted_decode(q_slots, k_x, v_x, lengths, None, self.scale, partial=True, rows=rows))
-            E = plan.shape[3]
+        # Every zone's split-K states, merged once (log-sum-exp) at the end. The steady and
+        # estimation zones run on the side stream, beside the retrieval zone's choice and gather.
+        zones = []
+        with self.side.fork():
+            zones.append(weighted_decode(q_slots, ks, vs, plan.steady_len, None, self.scale, partial=True))
+        if cap:
+            ret, est = self._select(layer, plan, q_slots)
             if E:   # the estimation zone's clusters (plan.estimate of them per slot), read in place
-                zones.append(estimate_decode(q_slots, p.centroids[layer], p.value_mean[layer], p.log_size[layer],
-                                             est_ids, plan.estimate, self.scale, base=plan.base, width=E,
-                                             partial=True))
+                with self.side.fork():
+                    zones.append(estimate_decode(q_slots, p.centroids[layer], p.value_mean[layer], p.log_size[layer],
+                                                 est, plan.estimate, self.scale, base=plan.base, width=E,
+                                                 partial=True))
+            k_x, v_x, rows, lengths = self._retrieve(layer, plan, ret)
+            zones.append(weighted_decode(q_slots, k_x, v_x, lengths, None, self.scale, partial=True, rows=rows))
+        self.side.join()
         out = q.new_empty((S, H, Hq // H, D))
         merge_partials(zones, out.view(-1, D))
         return out[plan.slots].view(B, Hq, D)
 
-    def _assemble(self, layer, plan: WavePlan, q_slots: torch.Tensor):
-        """Scores every slot's clusters and selects its retrieval and estimation zones (exact, no
-        sort). Returns the estimation zone (local ids [S, H, E], -1 past plan.estimate) and the
-        retrieval zone's keys and values as (k, v, rows, lengths): a GPU-resident pool is read in
-        place through its row numbers (rows [S, H, cap]); an offloaded one is gathered into an
-        execution buffer [S, H, cap, D] (rows None), through the GPU cluster cache if any."""
+    def _select(self, layer, plan: WavePlan, q_slots: torch.Tensor):
+        """Scores every slot's clusters and selects its zones (exact, no sort): the retrieval zone
+        as pool ids [S, H, R] and the estimation zone as local ids [S, H, E], -1 past the counts."""
         from ..kernels.centroid_scores import centroid_scores
-        from ..kernels.gather import cluster_rows, gather_clusters_batched, gather_clusters_cached
         from ..kernels.select import select_zones
 
-        p, dev = self.pools, self.device
-        H, D = self.cfg.num_kv_heads, self.cfg.head_dim
+        p = self.pools
         S, W, R, E, cap = plan.shape
         scores = centroid_scores(q_slots, p.centroids[layer], plan.counts, self.scale, base=plan.base, width=W)
         # zone_sizes keeps retrieve + estimate <= counts, so the zones hold exactly those counts
         ret, est = select_zones(scores, plan.counts, plan.retrieve, plan.estimate, R, E)
-        ret = torch.where(ret >= 0, ret + plan.base[:, None, None], -1)       # [S, H, R] pool ids
+        return torch.where(ret >= 0, ret + plan.base[:, None, None], -1), est
+
+    def _retrieve(self, layer, plan: WavePlan, ret: torch.Tensor):
+        """The retrieval zone's keys and values as (k, v, rows, lengths): a GPU-resident pool is
+        read in place through its row numbers (rows [S, H, cap]); an offloaded one is gathered into
+        an execution buffer [S, H, cap, D] (rows None), through the GPU cluster cache if any."""
+        from ..kernels.gather import cluster_rows, gather_clusters_batched, gather_clusters_cached
+
+        p, dev = self.pools, self.device
+        H, D = self.cfg.num_kv_heads, self.cfg.head_dim
+        S, cap = plan.shape[0], plan.shape[4]
         if not self.offload:
             rows = torch.empty(S, H, cap, device=dev, dtype=torch.int32)
-            return est, p.keys[layer], p.values[layer], rows, cluster_rows(p.offsets[layer], ret, rows)
+            return p.keys[layer], p.values[layer], rows, cluster_rows(p.offsets[layer], ret, rows)
         k_x = torch.empty(S, H, cap, D, device=dev, dtype=self.dtype)
         v_x = torch.empty_like(k_x)
         cache = self.caches.get(layer)
         if cache is not None:
-            read, write, hit = cache.plan(ret)
+            read, write, _ = cache.plan(ret, stats=self.counters[:2])
             n_ret, n_src = gather_clusters_cached(p.keys[layer], p.values[layer], p.offsets[layer], ret,
                                                   cache.k, cache.v, read, write, k_x, v_x, 0)
-            self.counters += torch.stack([(ret >= 0).sum(), hit.sum(), n_ret.sum(), n_src.sum()])
+            self.counters[2:] += torch.stack([n_ret, n_src]).sum((1, 2))
         else:      # no cache: every gathered row crossed PCIe
             n_ret = gather_clusters_batched(p.keys[layer], p.values[layer], p.offsets[layer], ret, k_x, v_x, 0)
             n = n_ret.sum()
             self.counters += torch.stack([(ret >= 0).sum(), torch.zeros_like(n), n, n])
-        return est, k_x, v_x, None, n_ret
+        return k_x, v_x, None, n_ret
 
     def finish_step(self, plan: WavePlan) -> None:
         """Index maintenance after the step: the oldest `update_every` decoded tokens past the

@@ -2,8 +2,8 @@
 retrieved clusters, per KV head, in fixed slots, evicted least-recently-used.
 
 The bookkeeping is tensors on the cache's device: cluster -> slot, slot -> cluster and each
-slot's last-use stamp. `plan` finds the hits and picks victims for the misses with tensor ops
-alone (no host synchronisation, capturable in a CUDA graph); the gather kernel then reads hits
+slot's last-use stamp. `plan` finds the hits and picks victims for the misses in one kernel
+launch (no host synchronisation, capturable in a CUDA graph); the gather kernel then reads hits
 from the cache and, as it copies a missed cluster from the host pool, writes it into its victim
 slot (kernels/gather.py, `gather_clusters_cached`). A cluster longer than `slot_rows` keeps its
 tail in the host pool: its cached head still saves that much of the transfer.
@@ -27,46 +27,18 @@ class ClusterCache:
         self.slot_of = torch.full((heads, clusters + 1), -1, dtype=torch.int32, device=device)
         self.cluster_of = torch.full((heads, slots + 1), -1, dtype=torch.int64, device=device)
         self.last_use = torch.full((heads, slots + 1), -1, dtype=torch.int64, device=device)
-        self.clock = torch.zeros((), dtype=torch.int64, device=device)
-        # -1 as a device tensor: index_put_ would copy a Python scalar from the host, which a
-        # CUDA graph capture forbids.
-        self._none = torch.full((), -1, dtype=torch.int32, device=device)
+        self.clock = torch.zeros(heads, dtype=torch.int64, device=device)     # steps, per head
         self._heads = torch.arange(heads, device=device)
 
-    def plan(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ids: [S, H, R] int64 cluster ids to gather this step (-1: none; no id twice per head).
+    def plan(self, ids: torch.Tensor, stats: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids: [S, H, R] cluster ids to gather this step (-1: none; no id twice per head).
         Marks the hits used, assigns the least recently used slots not hit this step to the misses
-        (as many as there are such slots) and updates the maps as if the gather had admitted them.
-        Returns (read_slot, write_slot) [S, H, R] int32 (-1: none) and the hit mask."""
-        S, H, R = ids.shape
-        valid = ids >= 0
-        col = torch.where(valid, ids, self.clusters)                          # [S, H, R]
-        heads = self._heads[None, :, None].expand(S, H, R)
-        slot = self.slot_of[heads, col].long()
-        hit = valid & (slot >= 0)
-        self.clock += 1
-        self.last_use[heads, torch.where(hit, slot, self.slots)] = self.clock
-
-        # Misses of head h, in (sequence, rank) order, take that head's LRU slots in turn.
-        miss = (valid & ~hit).transpose(0, 1).reshape(H, S * R)
-        m = min(S * R, self.slots)
-        victims = self.last_use[:, :self.slots].topk(m, dim=1, largest=False, sorted=True).indices   # LRU first
-        rank = miss.cumsum(1) - 1
-        victim = victims.gather(1, rank.clamp(0, m - 1))
-        admit = miss & (rank < m) & (self.last_use.gather(1, victim) < self.clock)   # never evict a hit
-        victim = torch.where(admit, victim, self.slots)
-        flat_ids = ids.transpose(0, 1).reshape(H, S * R)
-        heads2 = self._heads[:, None].expand(H, S * R)
-        old = self.cluster_of.gather(1, victim)
-        self.slot_of[heads2, torch.where(admit & (old >= 0), old, self.clusters)] = self._none
-        self.slot_of[heads2, torch.where(admit, flat_ids, self.clusters)] = victim.int()
-        self.cluster_of[heads2, victim] = flat_ids
-        self.last_use[heads2, victim] = self.clock
-        self.slot_of[:, self.clusters] = -1
-        self.cluster_of[:, self.slots] = -1
-        write = torch.where(admit, victim, -1).view(H, S, R).transpose(0, 1)
-        read = torch.where(hit, slot, -1)
-        return read.int(), write.int().contiguous(), hit
+        (as many as there are such slots) and updates the maps as if the gather had admitted them
+        (kernels/cache_plan.py, one launch). Returns (read_slot, write_slot) [S, H, R] int32 (-1:
+        none) and the hit mask; `stats` ([2] int64) accumulates retrieved and hit counts."""
+        from ..kernels.cache_plan import cache_plan
+        return cache_plan(ids, self.slot_of, self.cluster_of, self.last_use, self.clock, stats)
 
     def invalidate(self, c0: int, c1: int) -> None:
         """Forget clusters [c0, c1) (their pool range is being freed); their slots go first."""

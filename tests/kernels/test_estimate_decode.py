@@ -131,7 +131,7 @@ def test_estimate_decode_replaces_execution_buffer(device, dtype):
     kr, vr = randn(g, S, H, X, D, dtype=dtype), randn(g, S, H, X, D, dtype=dtype)   # "retrieved" KV
     n_ret = torch.randint(0, X + 1, (S, H), generator=g, device=device)
     n_ret[0] = 0
-    # -- before (the code of WaveAttention._assemble's `if E:` block) --
+    # -- before (the code WaveAttention's estimation zone used to run) --
     base, r_b = plan_base[:, None, None], retrieve[:, None, None]
     k_x = torch.empty(S, H, E + X, D, device=device, dtype=dtype)
     v_x = torch.empty_like(k_x)

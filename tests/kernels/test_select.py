@@ -30,9 +30,10 @@ GPU_ONLY = [   # 128K context, batch 8 (W = 8192) and 1M context, batch 1 (W = 6
     (2, 8, 65536, [65530, 40000], [1180, 720], [15203, 9280], 1184, 15232, "signed", 17, 2048),
     (32, 8, 8192, [8192] * 31 + [3000], [148] * 31 + [54], [1900] * 31 + [696], 160, 1920, "ties", 1, 1024),
 ]
-PARAMS = ([pytest.param("cpu", c, id=f"interp-{i}") for i, c in enumerate(INTERP)]
-          + [pytest.param("cuda", c, marks=GPU, id=f"cuda-{i}") for i, c in enumerate(INTERP)]
-          + [pytest.param("cuda", c, marks=GPU, id=f"cuda-large-{i}") for i, c in enumerate(GPU_ONLY)])
+PARAMS = [pytest.param(dev, c, method, marks=marks, id=f"{name}-{i}-{method}")
+          for dev, name, cases, marks in (("cpu", "interp", INTERP, ()), ("cuda", "cuda", INTERP, GPU),
+                                          ("cuda", "cuda-large", GPU_ONLY, GPU))
+          for i, c in enumerate(cases) for method in ("row", "radix") if method == "radix" or c[2] <= 2 ** 14]
 
 
 def make_case(device, case):
@@ -57,11 +58,11 @@ def as_sets(ids):
     return [[set(row.tolist()) - {-1} for row in slot] for slot in ids.cpu()]
 
 
-@pytest.mark.parametrize("device,case", PARAMS)
-def test_select_matches_ref_and_topk(device, case, monkeypatch):
+@pytest.mark.parametrize("device,case,method", PARAMS)
+def test_select_matches_ref_and_topk(device, case, method, monkeypatch):
     monkeypatch.setitem(sel.TUNE, "block", case[-1])
     x, cnt, ret_n, est_n, R, E = make_case(device, case)
-    ret, est = select_zones(x, cnt, ret_n, est_n, R, E, num_splits=case[-2])
+    ret, est = select_zones(x, cnt, ret_n, est_n, R, E, num_splits=case[-2], method=method)
     ref_ret, ref_est = select_zones_ref(x, cnt, ret_n, est_n, R, E)
     assert ret.shape == (x.shape[0], x.shape[1], R) and est.shape == (x.shape[0], x.shape[1], E)
     assert ret.dtype == est.dtype == torch.int32
@@ -90,10 +91,11 @@ def test_select_ref_tie_rule():
     assert est.tolist() == [[[0, 2, 4, 3, -1]]]
 
 
+@pytest.mark.parametrize("method", ["row", "radix"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
-def test_select_is_deterministic(device):
+def test_select_is_deterministic(device, method):
     """Same input, same output, position for position (the estimation sum order follows it)."""
     x, cnt, ret_n, est_n, R, E = make_case(device, INTERP[2])
-    a = select_zones(x, cnt, ret_n, est_n, R, E, num_splits=2)
-    b = select_zones(x, cnt, ret_n, est_n, R, E, num_splits=2)
+    a = select_zones(x, cnt, ret_n, est_n, R, E, num_splits=2, method=method)
+    b = select_zones(x, cnt, ret_n, est_n, R, E, num_splits=2, method=method)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
