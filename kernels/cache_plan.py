@@ -69,12 +69,15 @@ def _cache_plan_kernel(
 
     # 2. victims: t = the smallest stamp with count(stamp <= t) >= take, then a scan in slot order
     n_avail = 0
+    oldest = now
     for k0 in range(0, SLOTS, BLOCK_S):
         k = k0 + offs_s
         u = tl.load(lu + k, mask=k < SLOTS, other=now)
         n_avail += tl.sum((u < now).to(tl.int32))
+        oldest = tl.minimum(oldest, tl.min(u, axis=0))
     take = tl.minimum(n_miss, n_avail)
-    lo = tl.full([], -2, tl.int64)      # count(<= lo) < take <= count(<= hi)
+    # count(<= lo) < take <= count(<= hi); a busy cache's stamps span few steps: few iterations
+    lo = oldest - 1
     hi = now - 1
     if take == 0:
         hi = lo

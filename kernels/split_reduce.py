@@ -25,11 +25,14 @@ MAX_SETS = 3
 def _merge_splits_kernel(
     po0, pl0, S0, po1, pl1, S1, po2, pl2, S2, out_ptr, lse_ptr,
     D, stride_out,
-    WRITE_LSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_LSE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # grid (rows, D / BLOCK_D); the splits' outputs stream through in CHUNK-row tiles (a whole
+    # [splits, D] tile in registers spills once a row has hundreds of splits)
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     # Sets past the last given have 0 splits: fully masked, they add nothing.
     l0 = tl.load(pl0 + row * S0 + offs_s, mask=offs_s < S0, other=float("-inf"))
@@ -37,22 +40,31 @@ def _merge_splits_kernel(
     l2 = tl.load(pl2 + row * S2 + offs_s, mask=offs_s < S2, other=float("-inf"))
     m = tl.maximum(tl.maximum(tl.max(l0, axis=0), tl.max(l1, axis=0)), tl.max(l2, axis=0))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w0 = tl.exp(l0 - m_safe)
-    w1 = tl.exp(l1 - m_safe)
-    w2 = tl.exp(l2 - m_safe)
-    sw = tl.sum(w0, axis=0) + tl.sum(w1, axis=0) + tl.sum(w2, axis=0)
+    sw = tl.sum(tl.exp(l0 - m_safe), axis=0) + tl.sum(tl.exp(l1 - m_safe), axis=0) \
+        + tl.sum(tl.exp(l2 - m_safe), axis=0)
     # An empty split stores o = 0, so w * o stays finite; an all-empty row gives 0 / 1.
-    o = tl.sum(w0[:, None] * tl.load(po0 + (row * S0 + offs_s)[:, None] * D + offs_d[None, :],
-                                     mask=(offs_s < S0)[:, None] & dmask[None, :], other=0.0), axis=0)
-    o += tl.sum(w1[:, None] * tl.load(po1 + (row * S1 + offs_s)[:, None] * D + offs_d[None, :],
-                                      mask=(offs_s < S1)[:, None] & dmask[None, :], other=0.0), axis=0)
-    o += tl.sum(w2[:, None] * tl.load(po2 + (row * S2 + offs_s)[:, None] * D + offs_d[None, :],
-                                      mask=(offs_s < S2)[:, None] & dmask[None, :], other=0.0), axis=0)
+    o = tl.zeros([BLOCK_D], tl.float32)
+    for c in range(0, S0, CHUNK):
+        sm = c + offs_c < S0
+        w = tl.exp(tl.load(pl0 + row * S0 + c + offs_c, mask=sm, other=float("-inf")) - m_safe)
+        o += tl.sum(w[:, None] * tl.load(po0 + (row * S0 + c + offs_c)[:, None] * D + offs_d[None, :],
+                                         mask=sm[:, None] & dmask[None, :], other=0.0), axis=0)
+    for c in range(0, S1, CHUNK):
+        sm = c + offs_c < S1
+        w = tl.exp(tl.load(pl1 + row * S1 + c + offs_c, mask=sm, other=float("-inf")) - m_safe)
+        o += tl.sum(w[:, None] * tl.load(po1 + (row * S1 + c + offs_c)[:, None] * D + offs_d[None, :],
+                                         mask=sm[:, None] & dmask[None, :], other=0.0), axis=0)
+    for c in range(0, S2, CHUNK):
+        sm = c + offs_c < S2
+        w = tl.exp(tl.load(pl2 + row * S2 + c + offs_c, mask=sm, other=float("-inf")) - m_safe)
+        o += tl.sum(w[:, None] * tl.load(po2 + (row * S2 + c + offs_c)[:, None] * D + offs_d[None, :],
+                                         mask=sm[:, None] & dmask[None, :], other=0.0), axis=0)
     o = o / tl.where(sw == 0.0, 1.0, sw)
     tl.store(out_ptr + row * stride_out + offs_d, o.to(out_ptr.dtype.element_ty), mask=dmask)
     if WRITE_LSE:
-        lse_r = tl.where(sw == 0.0, float("-inf"), m_safe + tl.log(tl.where(sw == 0.0, 1.0, sw)))
-        tl.store(lse_ptr + row, lse_r)
+        if tl.program_id(1) == 0:
+            lse_r = tl.where(sw == 0.0, float("-inf"), m_safe + tl.log(tl.where(sw == 0.0, 1.0, sw)))
+            tl.store(lse_ptr + row, lse_r)
 
 
 def _check(parts, out, lse):
@@ -93,12 +105,13 @@ def merge_partials(parts, out: torch.Tensor, lse: torch.Tensor | None = None) ->
         return
     sets = list(parts) + [parts[0]] * (MAX_SETS - len(parts))
     counts = [p.shape[1] for p, _ in parts] + [0] * (MAX_SETS - len(parts))
-    _merge_splits_kernel[(R,)](
+    block_d = min(64, next_pow2(max(D, 16)))
+    _merge_splits_kernel[(R, -(-D // block_d))](
         sets[0][0], sets[0][1], counts[0], sets[1][0], sets[1][1], counts[1], sets[2][0], sets[2][1], counts[2],
         out, lse if lse is not None else sets[0][1],
         D, out.stride(0),
-        WRITE_LSE=lse is not None, BLOCK_S=next_pow2(max(*counts, 2)), BLOCK_D=next_pow2(max(D, 16)),
-        num_warps=4 if D > 64 else 2,
+        WRITE_LSE=lse is not None, BLOCK_S=next_pow2(max(*counts, 2)), CHUNK=32, BLOCK_D=block_d,
+        num_warps=2,
     )
 
 

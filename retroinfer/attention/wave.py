@@ -225,6 +225,7 @@ class WaveAttention(AttentionBackend):
 
     def decode(self, layer, plan: WavePlan, q, k, v):
         from ..kernels.split_reduce import merge_partials
+        from ..kernels.step_inputs import step_inputs
         from ..kernels.weighted_decode import estimate_decode, weighted_decode
 
         B, Hq, D = q.shape
@@ -232,10 +233,7 @@ class WaveAttention(AttentionBackend):
         p = self.pools
         S, W, R, E, cap = plan.shape
         ks, vs = p.k_steady[layer][:S], p.v_steady[layer][:S]
-        ks[plan.slots, :, plan.write_pos] = k
-        vs[plan.slots, :, plan.write_pos] = v
-        q_slots = q.new_zeros((S, H, Hq // H, D))
-        q_slots[plan.slots] = q.view(B, H, Hq // H, D)
+        q_slots = step_inputs(q, k, v, plan.slots, plan.write_pos, ks, vs, S)
         # Every zone's split-K states, merged once (log-sum-exp) at the end. The steady and
         # estimation zones run on the side stream, beside the retrieval zone's choice and gather.
         zones = []

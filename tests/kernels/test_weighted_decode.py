@@ -153,3 +153,26 @@ def test_merge_states_inf_sides():
     # symmetric, and equal lse halves the weight
     out, lse = merge_states(o1[:1], l1[:1], o1[:1] * 3, l1[:1])
     assert torch.allclose(out, 2 * o1[:1]) and torch.allclose(lse, l1[:1] + torch.log(torch.tensor(2.0)))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("D,splits", [(80, (37, 1, 70)), (128, (129,)), (64, (33, 0, 5))])
+def test_merge_partials_many_splits(device, D, splits):
+    """Rows with hundreds of splits stream through the merge in chunks, D in several programs;
+    empty splits (lse -inf, o 0) anywhere, one row empty in every set."""
+    g = gen(device, "many-splits", D, splits)
+    R = 7
+    parts = []
+    for n in splits:
+        po, pl = randn(g, R, n, D), randn(g, R, n) * 3
+        empty = torch.rand(R, n, generator=g, device=device) < 0.2
+        empty[0] = True
+        parts.append((po.masked_fill(empty[..., None], 0.0), pl.masked_fill(empty, float("-inf"))))
+    outs = []
+    for merge in (merge_partials, merge_partials_ref):
+        out, lse = torch.full((R, D), float("nan"), device=device), torch.empty(R, device=device)
+        merge(parts, out, lse)
+        outs.append((out, lse))
+    (out, lse), (ref_out, ref_lse) = outs
+    assert rel_err(out, ref_out) < 1e-5 and torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert rel_err(lse[1:], ref_lse[1:]) < 1e-5 and (out[0] == 0).all()
