@@ -5,7 +5,6 @@ when ``RETROINFER_TRITON_INTERPRET=1`` / ``TRITON_INTERPRET=1``), else its refer
 optional: without it every function is its reference.
 """
 
-from .cache_plan import cache_plan, cache_plan_ref
 from .centroid_scores import centroid_scores, centroid_scores_ref
 from .gather import cluster_rows, cluster_rows_ref, gather_clusters, gather_clusters_ref
 from .kmeans import (kmeans_assign, kmeans_assign_ref, kmeans_centroids, kmeans_centroids_ref, kmeans_update,
@@ -14,13 +13,11 @@ from .paged_decode import paged_decode, paged_decode_ref
 from .rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref, rope_ref
 from .select import select_zones, select_zones_ref
-from .step_inputs import step_inputs, step_inputs_ref
 from .swiglu import silu_mul, silu_mul_ref
 from .weighted_decode import (estimate_decode, estimate_decode_ref, merge_states, weighted_decode,
                               weighted_decode_ref)
 
 __all__ = [
-    "cache_plan", "cache_plan_ref",
     "centroid_scores", "centroid_scores_ref",
     "cluster_rows", "cluster_rows_ref", "gather_clusters", "gather_clusters_ref",
     "kmeans_assign", "kmeans_assign_ref", "kmeans_centroids", "kmeans_centroids_ref", "kmeans_update",
@@ -29,7 +26,6 @@ __all__ = [
     "add_rms_norm", "add_rms_norm_ref", "rms_norm", "rms_norm_ref",
     "apply_rope", "apply_rope_ref", "rope_ref",
     "select_zones", "select_zones_ref",
-    "step_inputs", "step_inputs_ref",
     "silu_mul", "silu_mul_ref",
     "estimate_decode", "estimate_decode_ref", "merge_states", "weighted_decode", "weighted_decode_ref",
 ]
