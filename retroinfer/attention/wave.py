@@ -11,13 +11,13 @@ cluster cache per layer (wave/cache.py) serves the retrieved clusters it holds; 
 the misses over PCIe and admits them into the cache on the way."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Hashable
 
 import torch
 
 from ..config import WaveConfig
+from ..side_stream import SideStream
 from ..wave.cache import ClusterCache
 from ..wave.index import ClusterIndex, build_index
 from ..wave.pools import WavePools
@@ -50,33 +50,6 @@ class WavePlan:
     shape: tuple[int, int, int, int, int]   # (slots S, score width W, retrieval cap R, estimation
                                             #  cap E, execution buffer rows of the retrieved KV)
     updates: list = field(default_factory=list)   # SeqStates whose steady zone is full
-
-
-class SideStream:
-    """A second CUDA stream for work that may overlap the current stream's (a no-op on CPU).
-
-    ``with side.fork():`` queues work on it after everything queued so far on the current stream;
-    ``join()`` makes the current stream wait for all of it. Memory stays safe without
-    ``record_stream``: what the side work reads was allocated earlier and is freed after the
-    join, and a block the side work frees is reused by later side work only, which a later
-    ``fork`` orders after the current stream's reads of it. Capturable in a CUDA graph (the fork
-    and the join are the graph's branches)."""
-
-    def __init__(self, device: torch.device):
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    @contextlib.contextmanager
-    def fork(self):
-        if self.stream is None:
-            yield
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        with torch.cuda.stream(self.stream):
-            yield
-
-    def join(self) -> None:
-        if self.stream is not None:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
 
 def _round_up(n: int, m: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.base import pow2_bucket
+from ..side_stream import SideStream
 
 
 class _Graph:
@@ -53,11 +54,10 @@ class DecodeGraphs:
         g = _Graph(self.stage, batch, plan, x)
         g.load(self.stage.backend, plan, x, positions)
         body = lambda: self.stage.decode_body(g.x, g.positions, g.plan)  # noqa: E731
-        side = torch.cuda.Stream(self.stage.device)
-        side.wait_stream(torch.cuda.current_stream(self.stage.device))
-        with torch.cuda.stream(side):      # warm-up compiles the Triton kernels outside capture;
-            body()                         # its KV writes repeat the step's own: idempotent
-        torch.cuda.current_stream(self.stage.device).wait_stream(side)
+        side = SideStream(self.stage.device)
+        with side.fork():      # warm-up compiles the Triton kernels outside capture;
+            body()             # its KV writes repeat the step's own: idempotent
+        side.join()
         with torch.cuda.graph(g.graph, pool=self.pool):
             g.out = body()
         return g

@@ -18,6 +18,7 @@ import bisect
 import torch
 
 from ..config import ModelConfig
+from ..side_stream import SideStream
 
 
 class RangeAllocator:
@@ -76,11 +77,11 @@ class WavePools:
                 [torch.empty((H, tokens, D), dtype=dtype) for _ in range(n)]
             self.keys = dict(zip(layer_ids, pool[0::2]))
             self.values = dict(zip(layer_ids, pool[1::2]))
-            self.copy_stream = torch.cuda.Stream(device) if pin else None
         else:
             self.keys = per_layer((H, tokens, D))
             self.values = per_layer((H, tokens, D))
-            self.copy_stream = None
+        # offload copies to the pinned host pool (none on CPU or with the KV on the GPU)
+        self.copy = SideStream(device if host_tokens else torch.device("cpu"))
         self.centroids = per_layer((H, clusters, D))
         self.value_mean = per_layer((H, clusters, D))
         self.log_size = per_layer((H, clusters), torch.float32, float("-inf"))
@@ -97,8 +98,7 @@ class WavePools:
 
     def ready(self) -> None:
         """Decode reads the host pool only after every offload copy has landed."""
-        if self.copy_stream is not None:
-            torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
+        self.copy.join()
 
     def write_steady(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [Hkv, n, D]."""
@@ -114,15 +114,14 @@ class WavePools:
     def write_index(self, layer: int, tok0: int, cl0: int, ix) -> None:
         """Store a ClusterIndex at token row tok0 and cluster cl0 of the pools."""
         N, C = ix.num_tokens, ix.num_clusters
-        if self.copy_stream is not None:
+        if self.copy.stream is not None:
             # Offload while the next layer computes; the side stream keeps ix alive until done.
-            self.copy_stream.wait_stream(torch.cuda.current_stream(ix.keys.device))
-            with torch.cuda.stream(self.copy_stream):
+            with self.copy.fork():
                 for h in range(ix.keys.shape[0]):
                     self.keys[layer][h, tok0:tok0 + N].copy_(ix.keys[h], non_blocking=True)
                     self.values[layer][h, tok0:tok0 + N].copy_(ix.values[h], non_blocking=True)
-            ix.keys.record_stream(self.copy_stream)
-            ix.values.record_stream(self.copy_stream)
+            ix.keys.record_stream(self.copy.stream)
+            ix.values.record_stream(self.copy.stream)
         else:
             self.keys[layer][:, tok0:tok0 + N] = ix.keys
             self.values[layer][:, tok0:tok0 + N] = ix.values
