@@ -30,14 +30,14 @@ from ._triton_util import (FLOAT_DTYPES, cdiv, check_last_contiguous, lazy_jit, 
 @lazy_jit
 def _gather_clusters_kernel(
     sk_ptr, sv_ptr, off_ptr, cid_ptr, len_ptr, dk_ptr, dv_ptr,
-    ck_ptr, cv_ptr, rslot_ptr, wslot_ptr, host_ptr,
+    ck_ptr, cv_ptr, rslot_ptr, wslot_ptr, host_ptr, tally_ptr,
     stride_skh, stride_skn, stride_svh, stride_svn,
     stride_oh, stride_ch,
     stride_dkh, stride_dkn, stride_dvh, stride_dvn,
     stride_cah, stride_cas,
     R, C, L_MAX, D, dst_start, HEADS,
     CHUNK: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_CACHE: tl.constexpr, SLOT_ROWS: tl.constexpr, ROWS_ONLY: tl.constexpr,
+    HAS_CACHE: tl.constexpr, SLOT_ROWS: tl.constexpr, ROWS_ONLY: tl.constexpr, HAS_TALLY: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)      # row of cluster_ids / dst / lengths
     hs = h % HEADS                         # row of src / offsets (batched: (b, h) -> h)
@@ -53,13 +53,21 @@ def _gather_clusters_kernel(
     sizes = hi - lo
     excl = tl.cumsum(sizes, axis=0) - sizes
     if chunk == 0:
-        tl.store(len_ptr + h, tl.minimum(tl.sum(sizes, axis=0), L_MAX - dst_start))
+        length = tl.minimum(tl.sum(sizes, axis=0), L_MAX - dst_start)
+        tl.store(len_ptr + h, length)
+        if HAS_TALLY:   # running totals [4] int64: clusters, -, rows gathered, rows read from src
+            tl.atomic_add(tally_ptr + 2, length.to(tl.int64))
+            if not HAS_CACHE:   # (with a cache, its plan counts the clusters and hits)
+                tl.atomic_add(tally_ptr, tl.sum(valid.to(tl.int64), axis=0))
+                tl.atomic_add(tally_ptr + 3, length.to(tl.int64))
     if HAS_CACHE:   # slots are [rows, R] int32 like the ids; -1: not cached / not admitted
         rslot = tl.load(rslot_ptr + h * stride_ch + offs, mask=offs < R, other=-1)
         wslot = tl.load(wslot_ptr + h * stride_ch + offs, mask=offs < R, other=-1)
         if chunk == 0:   # rows this gather reads from the source pool (over PCIe when it is host memory)
-            host = tl.where(rslot >= 0, tl.maximum(sizes - SLOT_ROWS, 0), sizes)
-            tl.store(host_ptr + h, tl.sum(host, axis=0))
+            host = tl.sum(tl.where(rslot >= 0, tl.maximum(sizes - SLOT_ROWS, 0), sizes), axis=0)
+            tl.store(host_ptr + h, host)
+            if HAS_TALLY:
+                tl.atomic_add(tally_ptr + 3, host.to(tl.int64))
 
     offs_r = tl.arange(0, BLOCK_ROWS)
     offs_d = tl.arange(0, BLOCK_D)
@@ -167,9 +175,10 @@ def gather_clusters(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Ten
     return _launch(src_k, src_v, offsets, cluster_ids, dst_k, dst_v, dst_start, Hkv)
 
 
-def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int, cache=None):
+def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int, cache=None, tally=None):
     """One launch over `rows` = ids.shape[0] destination rows; row x reads source head x % heads.
-    ids [rows, R]; dst [rows, Lmax, D]; cache: (cache_k, cache_v, read_slot, write_slot) or None.
+    ids [rows, R]; dst [rows, Lmax, D]; cache: (cache_k, cache_v, read_slot, write_slot) or None;
+    tally: [4] int64 running totals or None (see `gather_clusters_cached`).
     dst_k [rows, Lmax] int32 with src_k None: source row numbers instead of data (``cluster_rows``).
     Returns lengths [rows] int32 (and, with a cache, the rows read from the source [rows] int32)."""
     rows, R = ids.shape
@@ -177,15 +186,18 @@ def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int
     if rows_only:
         dst_k = src_k = src_v = dst_v = dst_k[:, :, None]
     Lmax, D = dst_k.shape[1], dst_k.shape[2]
-    lengths = torch.zeros(rows, dtype=torch.int32, device=dst_k.device)
-    host = torch.zeros(rows, dtype=torch.int32, device=dst_k.device) if cache is not None else lengths
     if rows * R == 0:
-        return lengths if cache is None else (lengths, host)
+        lengths = torch.zeros(rows, dtype=torch.int32, device=dst_k.device)
+        return lengths if cache is None else (lengths, lengths.clone())
+    # every row's first program writes its length (and host rows): no memset
+    lengths = torch.empty(rows, dtype=torch.int32, device=dst_k.device)
+    host = torch.empty(rows, dtype=torch.int32, device=dst_k.device) if cache is not None else lengths
     ck, cv, rslot, wslot = cache if cache is not None else (dst_k, dst_v, ids, ids)
     # clusters per program: about 4 waves of programs over the GPU
     chunk = min(16, next_pow2(max(1, rows * R // (4 * num_sms(dst_k.device)))))
     _gather_clusters_kernel[(rows, cdiv(R, chunk))](
         src_k, src_v, offsets, ids, lengths, dst_k, dst_v, ck, cv, rslot, wslot, host,
+        tally if tally is not None else lengths,
         src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1),
         offsets.stride(0), ids.stride(0),
         dst_k.stride(0), dst_k.stride(1), dst_v.stride(0), dst_v.stride(1),
@@ -193,6 +205,7 @@ def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int
         R, offsets.shape[1] - 1, Lmax, D, int(dst_start), heads,
         CHUNK=chunk, BLOCK_SEL=next_pow2(max(R, 2)), BLOCK_ROWS=16, BLOCK_D=max(16, next_pow2(D)),
         HAS_CACHE=cache is not None, SLOT_ROWS=ck.shape[2] if cache is not None else 0, ROWS_ONLY=rows_only,
+        HAS_TALLY=tally is not None,
         num_warps=4,
     )
     return lengths if cache is None else (lengths, host)
@@ -208,28 +221,33 @@ def _zero_copy(src_k, src_v, dst_k) -> bool:
 
 def gather_clusters_batched(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Tensor,
                             cluster_ids: torch.Tensor, dst_k: torch.Tensor, dst_v: torch.Tensor,
-                            dst_start: int) -> torch.Tensor:
+                            dst_start: int, tally: torch.Tensor | None = None) -> torch.Tensor:
     """`gather_clusters` for B batch rows sharing one source pool in one launch.
 
     src_k, src_v: [Hkv, N, D] (a pool holding every row's clusters); offsets: [Hkv, C+1] int32
     (absolute rows in the pool); cluster_ids: [B, Hkv, R] int64 (absolute cluster ids, -1 =
     nothing); dst_k, dst_v: [B, Hkv, Lmax, D] contiguous. Returns lengths [B, Hkv] int32.
     The pool may be pinned host memory while dst is on the GPU: the kernel then reads it over
-    PCIe itself (zero-copy through unified addressing), only the selected rows.
+    PCIe itself (zero-copy through unified addressing), only the selected rows. ``tally`` ([4]
+    int64): adds the clusters, 0, and the rows gathered (twice: every one came from the source).
     """
     B, Hkv, R = cluster_ids.shape
     D, Lmax = src_k.shape[2], dst_k.shape[2]
     assert dst_k.shape == (B, Hkv, Lmax, D) and dst_k.is_contiguous() and dst_v.is_contiguous()
     zero_copy = _zero_copy(src_k, src_v, dst_k)
     if not zero_copy and not use_triton(src_k, src_v, dst_k, dst_v):
-        return torch.stack([gather_clusters_ref(src_k, src_v, offsets, cluster_ids[b], dst_k[b], dst_v[b],
-                                                dst_start) for b in range(B)]) if B else \
+        lengths = torch.stack([gather_clusters_ref(src_k, src_v, offsets, cluster_ids[b], dst_k[b], dst_v[b],
+                                                   dst_start) for b in range(B)]) if B else \
             torch.zeros(0, Hkv, dtype=torch.int32, device=dst_k.device)
+        if tally is not None:
+            n = lengths.sum()
+            tally += torch.stack([((cluster_ids >= 0) & (cluster_ids < offsets.shape[1] - 1)).sum(), 0 * n, n, n])
+        return lengths
     if not zero_copy:
         _check(src_k, src_v, offsets, cluster_ids[0], dst_k[0], dst_v[0], dst_start)
     rows = B * Hkv
     lengths = _launch(src_k, src_v, offsets, cluster_ids.reshape(rows, R).contiguous(),
-                      dst_k.view(rows, Lmax, D), dst_v.view(rows, Lmax, D), dst_start, Hkv)
+                      dst_k.view(rows, Lmax, D), dst_v.view(rows, Lmax, D), dst_start, Hkv, tally=tally)
     return lengths.view(B, Hkv)
 
 
@@ -302,14 +320,16 @@ def gather_clusters_cached_ref(src_k, src_v, offsets, cluster_ids, cache_k, cach
 def gather_clusters_cached(src_k: torch.Tensor, src_v: torch.Tensor, offsets: torch.Tensor,
                            cluster_ids: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                            read_slot: torch.Tensor, write_slot: torch.Tensor,
-                           dst_k: torch.Tensor, dst_v: torch.Tensor, dst_start: int):
+                           dst_k: torch.Tensor, dst_v: torch.Tensor, dst_start: int,
+                           tally: torch.Tensor | None = None):
     """`gather_clusters_batched` through a GPU cluster cache.
 
     cache_k, cache_v: [Hkv, slots, SLOT_ROWS, D] contiguous (SLOT_ROWS a multiple of 16);
     read_slot, write_slot: [B, Hkv, R] int32 — the slot holding a cluster's first SLOT_ROWS rows
     (read them from there), the slot to admit a missed cluster into (write them there), or -1.
     A write slot must not be read in the same call, and dst must hold every selected row (an
-    admitted cluster is copied whole). Returns (lengths, rows read from src) [B, Hkv] int32.
+    admitted cluster is copied whole). Returns (lengths, rows read from src) [B, Hkv] int32;
+    ``tally`` ([4] int64, optional) gets their totals added to entries 2 and 3.
     """
     B, Hkv, R = cluster_ids.shape
     D, Lmax = src_k.shape[2], dst_k.shape[2]
@@ -318,13 +338,16 @@ def gather_clusters_cached(src_k: torch.Tensor, src_v: torch.Tensor, offsets: to
     assert cache_k.is_contiguous() and cache_v.is_contiguous() and cache_v.shape == cache_k.shape
     assert read_slot.shape == write_slot.shape == cluster_ids.shape
     if not _zero_copy(src_k, src_v, dst_k) and not use_triton(src_k, src_v, dst_k, dst_v, cache_k, cache_v):
-        return gather_clusters_cached_ref(src_k, src_v, offsets, cluster_ids, cache_k, cache_v, read_slot,
-                                          write_slot, dst_k, dst_v, dst_start)
+        lengths, host = gather_clusters_cached_ref(src_k, src_v, offsets, cluster_ids, cache_k, cache_v,
+                                                   read_slot, write_slot, dst_k, dst_v, dst_start)
+        if tally is not None:
+            tally[2:] += torch.stack([lengths.sum(), host.sum()])
+        return lengths, host
     rows = B * Hkv
     flat = (lambda t: t.reshape(rows, R).contiguous())
     lengths, host = _launch(src_k, src_v, offsets, flat(cluster_ids), dst_k.view(rows, Lmax, D),
                             dst_v.view(rows, Lmax, D), dst_start, Hkv,
-                            cache=(cache_k, cache_v, flat(read_slot.int()), flat(write_slot.int())))
+                            cache=(cache_k, cache_v, flat(read_slot.int()), flat(write_slot.int())), tally=tally)
     return lengths.view(B, Hkv), host.view(B, Hkv)
 
 

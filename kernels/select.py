@@ -49,10 +49,10 @@ def _row_warps(block: int) -> int:
 
 @lazy_jit
 def _select_row_kernel(
-    sc_ptr, cnt_ptr, ret_n_ptr, est_n_ptr, ret_ptr, est_ptr,
+    sc_ptr, cnt_ptr, ret_n_ptr, est_n_ptr, base_ptr, ret_ptr, est_ptr,
     stride_ss, stride_sh, stride_rs, stride_rh, stride_es, stride_eh,
     HKV, W, R, E,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_BASE: tl.constexpr,
 ):
     row = tl.program_id(0)
     s = (row // HKV).to(tl.int64)
@@ -111,7 +111,10 @@ def _select_row_kernel(
     p_e = (pos >> 16) - 1
     ret_row = ret_ptr + s * stride_rs + h * stride_rh
     est_row = est_ptr + s * stride_es + h * stride_eh
-    tl.store(ret_row + p_r, offs, mask=in_r & (p_r < R))
+    ret_base = 0
+    if HAS_BASE:   # pool ids
+        ret_base = tl.load(base_ptr + s).to(tl.int32)
+    tl.store(ret_row + p_r, offs + ret_base, mask=in_r & (p_r < R))
     tl.store(est_row + p_e, offs, mask=in_e & (p_e < E))
     tl.store(ret_row + offs, -1, mask=(offs >= r) & (offs < R))
     tl.store(est_row + offs, -1, mask=(offs >= e) & (offs < E))
@@ -119,10 +122,10 @@ def _select_row_kernel(
 
 @lazy_jit
 def _select_kernel(
-    sc_ptr, cnt_ptr, ret_n_ptr, est_n_ptr, hist_ptr, part_ptr, ret_ptr, est_ptr,
+    sc_ptr, cnt_ptr, ret_n_ptr, est_n_ptr, base_ptr, hist_ptr, part_ptr, ret_ptr, est_ptr,
     stride_ss, stride_sh, stride_rs, stride_rh, stride_es, stride_eh,
     HKV, W, R, E, ROWS, NUM_SPLITS,
-    STAGE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    STAGE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SPLITS: tl.constexpr, HAS_BASE: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -192,6 +195,9 @@ def _select_kernel(
             eq_r = tl.sum(tl.load(part + sp * 4 + 1, mask=before, other=0))
             gt_k = tl.sum(tl.load(part + sp * 4 + 2, mask=before, other=0))
             eq_k = tl.sum(tl.load(part + sp * 4 + 3, mask=before, other=0))
+        ret_base = 0
+        if HAS_BASE:   # pool ids
+            ret_base = tl.load(base_ptr + s).to(tl.int32)
         taken_r = gt_r + tl.minimum(eq_r, need_r)       # ranks < r before this chunk
         pos_r = taken_r
         pos_e = gt_k + tl.minimum(eq_k, need_k) - taken_r
@@ -214,7 +220,7 @@ def _select_kernel(
                 in_e = in_k & ~in_r
                 p_r = pos_r + tl.cumsum(in_r.to(tl.int32), axis=0) - 1
                 p_e = pos_e + tl.cumsum(in_e.to(tl.int32), axis=0) - 1
-                tl.store(ret_ptr + s * stride_rs + h * stride_rh + p_r, idx, mask=in_r & (p_r < R))
+                tl.store(ret_ptr + s * stride_rs + h * stride_rh + p_r, idx + ret_base, mask=in_r & (p_r < R))
                 tl.store(est_ptr + s * stride_es + h * stride_eh + p_e, idx, mask=in_e & (p_e < E))
                 pos_r += tl.sum(in_r.to(tl.int32))
                 pos_e += tl.sum(in_e.to(tl.int32))
@@ -241,7 +247,7 @@ def _check(scores, counts, retrieve, estimate, R, E):
     return S, H, W
 
 
-def select_zones_ref(scores, counts, retrieve, estimate, R: int, E: int):
+def select_zones_ref(scores, counts, retrieve, estimate, R: int, E: int, base=None):
     """Plain-torch ``select_zones`` (a stable sort); the CPU path and the test oracle."""
     S, H, W = _check(scores, counts, retrieve, estimate, R, E)
     dev = scores.device
@@ -258,21 +264,25 @@ def select_zones_ref(scores, counts, retrieve, estimate, R: int, E: int):
         j = torch.arange(width, device=dev)
         pos = (first[:, None] + j).clamp(max=order.shape[-1] - 1)[:, None, :].expand(S, H, width)
         return torch.where((j < count[:, None])[:, None, :], order.gather(2, pos), -1)
-    return ranks(torch.zeros_like(r), R, r), ranks(r, E, e)
+    ret = ranks(torch.zeros_like(r), R, r)
+    if base is not None:
+        ret = torch.where(ret >= 0, ret + base.to(ret.dtype)[:, None, None], -1)
+    return ret, ranks(r, E, e)
 
 
 def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Tensor,
-                 estimate: torch.Tensor, R: int, E: int,
+                 estimate: torch.Tensor, R: int, E: int, base: torch.Tensor | None = None,
                  num_splits: int | None = None, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Retrieval and estimation ids of every row, without a sort (see the module docstring).
 
     scores: [S, H, W] float32 (last dim contiguous); counts, retrieve, estimate: [S] int.
     R, E (<= W): static widths of the outputs. Returns ``ret [S, H, R]`` and ``est [S, H, E]``
-    int32 local ids (0 .. W-1), padded with -1. ``method``: "row" or "radix" (default: "row" up
+    int32 local ids (0 .. W-1), padded with -1; with ``base`` ([S] int) the retrieval ids are
+    ``base[s] +`` the local id (pool ids, still int32). ``method``: "row" or "radix" (default: "row" up
     to ``TUNE["row_max"]`` entries per row); ``num_splits`` overrides radix's programs per row.
     """
     if not use_triton(scores, counts, retrieve, estimate):
-        return select_zones_ref(scores, counts, retrieve, estimate, R, E)
+        return select_zones_ref(scores, counts, retrieve, estimate, R, E, base)
     S, H, W = _check(scores, counts, retrieve, estimate, R, E)
     check_last_contiguous("scores", scores)
     dev = scores.device
@@ -282,6 +292,10 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
     if rows == 0 or R + E == 0:
         return ret, est
     counts, retrieve, estimate = counts.contiguous(), retrieve.contiguous(), estimate.contiguous()
+    has_base = base is not None
+    if has_base:
+        assert base.shape == (S,) and not base.is_floating_point() and base.device == dev, (base.shape, base.dtype)
+    base = base.contiguous() if has_base else counts
     if method is None:
         method = "row" if W <= TUNE["row_max"] else "radix"
     assert method in ("row", "radix"), method
@@ -289,9 +303,9 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
         assert W <= 2 ** 14, f"method 'row' takes rows of at most 16384 entries, not {W}"
         block = next_pow2(max(W, 16))
         _select_row_kernel[(rows,)](
-            scores, counts, retrieve, estimate, ret, est,
+            scores, counts, retrieve, estimate, base, ret, est,
             scores.stride(0), scores.stride(1), ret.stride(0), ret.stride(1), est.stride(0), est.stride(1),
-            H, W, R, E, BLOCK=block, num_warps=_row_warps(block),
+            H, W, R, E, BLOCK=block, HAS_BASE=has_base, num_warps=_row_warps(block),
         )
         return ret, est
     block = TUNE["block"]
@@ -303,10 +317,10 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
     part = torch.empty(rows, num_splits, 4, device=dev, dtype=torch.int32)
     for stage in range(6):
         _select_kernel[(rows, num_splits)](
-            scores, counts, retrieve, estimate, hist, part, ret, est,
+            scores, counts, retrieve, estimate, base, hist, part, ret, est,
             scores.stride(0), scores.stride(1), ret.stride(0), ret.stride(1), est.stride(0), est.stride(1),
             H, W, R, E, rows, num_splits,
-            STAGE=stage, BLOCK=block, BLOCK_SPLITS=next_pow2(max(num_splits, 2)),
+            STAGE=stage, BLOCK=block, BLOCK_SPLITS=next_pow2(max(num_splits, 2)), HAS_BASE=has_base,
             num_warps=TUNE["num_warps"],
         )
     return ret, est

@@ -236,8 +236,7 @@ class WaveAttention(AttentionBackend):
         S, W, R, E, cap = plan.shape
         scores = centroid_scores(q_slots, p.centroids[layer], plan.counts, self.scale, base=plan.base, width=W)
         # zone_sizes keeps retrieve + estimate <= counts, so the zones hold exactly those counts
-        ret, est = select_zones(scores, plan.counts, plan.retrieve, plan.estimate, R, E)
-        return torch.where(ret >= 0, ret + plan.base[:, None, None], -1), est
+        return select_zones(scores, plan.counts, plan.retrieve, plan.estimate, R, E, base=plan.base)
 
     def _retrieve(self, layer, plan: WavePlan, ret: torch.Tensor):
         """The retrieval zone's keys and values as (k, v, rows, lengths): a GPU-resident pool is
@@ -256,13 +255,11 @@ class WaveAttention(AttentionBackend):
         cache = self.caches.get(layer)
         if cache is not None:
             read, write, _ = cache.plan(ret, stats=self.counters[:2])
-            n_ret, n_src = gather_clusters_cached(p.keys[layer], p.values[layer], p.offsets[layer], ret,
-                                                  cache.k, cache.v, read, write, k_x, v_x, 0)
-            self.counters[2:] += torch.stack([n_ret, n_src]).sum((1, 2))
+            n_ret, _ = gather_clusters_cached(p.keys[layer], p.values[layer], p.offsets[layer], ret,
+                                              cache.k, cache.v, read, write, k_x, v_x, 0, tally=self.counters)
         else:      # no cache: every gathered row crossed PCIe
-            n_ret = gather_clusters_batched(p.keys[layer], p.values[layer], p.offsets[layer], ret, k_x, v_x, 0)
-            n = n_ret.sum()
-            self.counters += torch.stack([(ret >= 0).sum(), torch.zeros_like(n), n, n])
+            n_ret = gather_clusters_batched(p.keys[layer], p.values[layer], p.offsets[layer], ret, k_x, v_x, 0,
+                                            tally=self.counters)
         return k_x, v_x, None, n_ret
 
     def finish_step(self, plan: WavePlan) -> None:

@@ -107,9 +107,12 @@ def test_gather_cached_matches_ref(device, dtype):
     ref_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     if device == "cuda":
         args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-    lens, host = gather_clusters_cached(*args)
+    args[3] = args[3].int()     # the engine's ids: int32 pool ids from select_zones
+    tally = torch.tensor([5, 6, 7, 8], device=device)
+    lens, host = gather_clusters_cached(*args, tally=tally)
     ref_lens, ref_host = gather_clusters_cached_ref(*ref_args)
     assert torch.equal(lens.cpu(), ref_lens) and torch.equal(host.cpu(), ref_host)
+    assert tally.tolist() == [5, 6, 7 + int(ref_lens.sum()), 8 + int(ref_host.sum())]
     for i in (4, 5, 8, 9):       # cache k/v, dst k/v
         assert torch.equal(args[i].cpu(), ref_args[i]), i
     assert (choice[0] == 1).any() and (choice[0] == 2).any()
@@ -127,7 +130,10 @@ def test_cluster_rows_name_the_gathered_rows(device, dtype, case):
     dk = torch.stack([dst_k, dst_k.clone()])
     dv = torch.stack([dst_v, dst_v.clone()])
     from retroinfer.kernels.gather import gather_clusters_batched
-    lens = gather_clusters_batched(src_k, src_v, offsets, ids, dk, dv, 0)
+    tally = torch.zeros(4, dtype=torch.long, device=device)
+    lens = gather_clusters_batched(src_k, src_v, offsets, ids, dk, dv, 0, tally=tally)
+    C = offsets.shape[1] - 1
+    assert tally.tolist() == [int(((ids >= 0) & (ids < C)).sum()), 0, int(lens.sum()), int(lens.sum())]
     rows = torch.full((B, Hkv, Lmax), -7, dtype=torch.int32, device=device)
     n = cluster_rows(offsets, ids, rows)
     ref_rows = torch.full_like(rows, -7)

@@ -81,6 +81,12 @@ def test_select_matches_ref_and_topk(device, case, method, monkeypatch):
             vals = x[s].gather(1, got.long()).sort(dim=-1).values
             assert torch.equal(vals, want.sort(dim=-1).values), (case[:3], s)
         assert (torch.cat([ret[s, :, :r], est[s, :, :e]], -1).sort(-1).values.diff(dim=-1) > 0).all()
+    # With pool offsets: the same positions, the retrieval ids moved by their slot's base
+    base = torch.arange(1, S + 1, device=device) * 100003
+    ret_b, est_b = select_zones(x, cnt, ret_n, est_n, R, E, base=base, num_splits=case[-2], method=method)
+    assert torch.equal(ret_b, torch.where(ret >= 0, ret + base[:, None, None].int(), -1)) and torch.equal(est_b, est)
+    ref_b = select_zones_ref(x, cnt, ret_n, est_n, R, E, base=base)[0]
+    assert as_sets(ref_b) == as_sets(ret_b)
 
 
 def test_select_ref_tie_rule():
