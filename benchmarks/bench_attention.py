@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_time, graph_time, table, write_result  # noqa: E402
+from common import cuda_time, graph_time, graph_timeline, table, write_result  # noqa: E402
 
 from retroinfer.attention import make_backend  # noqa: E402
 from retroinfer.attention.prefill import causal_attention  # noqa: E402
@@ -51,7 +51,7 @@ def clustered_kv(T: int, g: torch.Generator):
     return k.transpose(0, 1).to(torch.bfloat16), v.transpose(0, 1).to(torch.bfloat16)
 
 
-def bench_case(T: int, B: int, wave: WaveConfig, profile: bool = False) -> dict:
+def bench_case(T: int, B: int, wave: WaveConfig, profile: bool = False, timeline: bool = False) -> dict:
     g = torch.Generator(device="cuda").manual_seed(T + B)
     cfg = preset_config("random:llama3-8b")
     row = {"context": T, "batch": B}
@@ -71,6 +71,8 @@ def bench_case(T: int, B: int, wave: WaveConfig, profile: bool = False) -> dict:
     row["wave_plan_ms"] = cuda_time(lambda: wb.plan_decode(list(range(B))), iters=5) * 1e3 / 32
     if profile:
         profile_kernels(f"wave decode, {T} tokens, batch {B}", lambda: wb.decode(0, plan, q, k1, k1))
+    if timeline:
+        graph_timeline(lambda: wb.decode(0, plan, q, k1, k1), f"wave decode graph, {T} tokens, batch {B}")
     del wb, plan
     torch.cuda.empty_cache()
     # Full attention over the same amount of KV.
@@ -114,6 +116,8 @@ def main() -> None:
     ap.add_argument("--build-context", type=int, default=131072)
     ap.add_argument("--name", default="attention")
     ap.add_argument("--profile", action="store_true", help="kernel table of every wave case and the build")
+    ap.add_argument("--timeline", action="store_true", help="kernel timeline of one graph replay of every wave case")
+    ap.add_argument("--no-build", action="store_true", help="skip the index build measurement")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU")
@@ -125,15 +129,16 @@ def main() -> None:
                 rows.append({"context": T, "batch": B, "skipped": "does not fit"})
                 continue
             try:
-                rows.append(bench_case(T, B, wave, a.profile))
+                rows.append(bench_case(T, B, wave, a.profile, a.timeline))
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 rows.append({"context": T, "batch": B, "skipped": "out of memory"})
             print(rows[-1], flush=True)
     table(rows, ["context", "batch", "sdpa_ms", "paged_ms", "wave_ms", "wave_eager_ms", "wave_plan_ms", "speedup",
                  "kv_gb_per_s_sdpa"])
-    build = bench_build(a.build_context, wave, a.profile)
-    table([build], list(build))
+    build = None if a.no_build else bench_build(a.build_context, wave, a.profile)
+    if build:
+        table([build], list(build))
     write_result(a.name, {"shape": {"hq": HQ, "hkv": HKV, "d": D, "dtype": "bfloat16"},
                                "wave": wave.__dict__, "decode": rows, "build": build})
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import os
@@ -167,15 +168,27 @@ def bench_estimate_decode(K, m, quick):
 
 
 def bench_centroid_scores(K, m, quick):
+    """Config ``c<block_c>/w<warps>/st<stages>/v<waves>``: the logits pass's tile (centroid_scores.TUNE)."""
+    cs = importlib.import_module("retroinfer.kernels.centroid_scores")   # the package's name is the function
+    default = dict(cs.TUNE)
+    tiles = [tuple(default.values())] if quick else \
+        [(64, 4, 3, 4), (128, 4, 3, 4), (128, 8, 3, 4), (64, 4, 4, 4), (64, 4, 3, 8), (128, 8, 4, 8), (32, 4, 4, 8),
+         (64, 8, 3, 8)]
     rows = []
-    for B, C in ([(1, 8192), (1, 65536)] if quick else [(1, 8192), (1, 65536), (8, 8192)]):
+    for B, C in ([(1, 8192), (1, 65536)] if quick else [(1, 8192), (1, 65536), (8, 8192), (32, 8192)]):
         q = torch.randn(B, HKV, G, D, device="cuda", dtype=DT)
         cen = torch.randn(B, HKV, C, D, device="cuda", dtype=DT)
         cnt = torch.full((B,), C, device="cuda", dtype=torch.int32)
-        rows.append(m({"kernel": "centroid_scores", "config": f"B={B} C={C}",
-                       "bytes": cen.numel() * cen.element_size() + B * HKV * C * 4},
-                      lambda: K.centroid_scores(q, cen, cnt, D ** -0.5),
-                      lambda: K.centroid_scores_ref(q, cen, cnt, D ** -0.5)))
+        for tile in tiles:
+            cs.TUNE.update(zip(("block_c", "num_warps", "num_stages", "waves"), tile))
+            try:
+                config = f"B={B} C={C} c{tile[0]}/w{tile[1]}/st{tile[2]}/v{tile[3]}"
+                rows.append(m({"kernel": "centroid_scores", "config": config,
+                               "bytes": cen.numel() * cen.element_size() + B * HKV * C * 4},
+                              lambda: K.centroid_scores(q, cen, cnt, D ** -0.5),
+                              lambda: K.centroid_scores_ref(q, cen, cnt, D ** -0.5)))
+            finally:
+                cs.TUNE.update(default)
     return rows
 
 
@@ -183,8 +196,8 @@ def bench_select(K, m, quick):
     """The wave zones' choice per decode step and layer: select_zones vs the sorted topk it
     replaces (torch_ms; topk_graph_ms: the same replayed from a CUDA graph, unsorted_ms: topk
     without the sort). S * HKV rows of W cluster scores, r = 1.8% and e = 23.2% of W
-    (WaveConfig.zone_sizes), caps R, E rounded up as the decode plan does. Config ``row``: the
-    one-launch method; ``b<block>/<warps>/s<splits>``: radix with that tile (select.TUNE; sauto:
+    (WaveConfig.zone_sizes), caps R, E rounded up as the decode plan does. Config ``row/k<k>``: the
+    one-launch method with k keys per thread; ``b<block>/<warps>/s<splits>``: radix with that tile (select.TUNE; sauto:
     split rows as ``select_zones`` picks); ``ok``: the same sets as select_zones_ref."""
     import retroinfer.kernels.select as sel
     from retroinfer.config import WaveConfig
@@ -201,13 +214,16 @@ def bench_select(K, m, quick):
         default = dict(sel.TUNE)
         radix = ([(default["block"], default["num_warps"], None)] if quick else
                  [(1024, 4, None), (2048, 8, None), (4096, 8, None)])
-        row_ok = [("row", 0, 0, None)] if W <= 2 ** 14 else []
+        row_ok = [("row", 0, keys, None) for keys in ([32] if quick else [8, 16, 32, 64])] if W <= 2 ** 14 else []
         for method, block, warps, splits in row_ok + [("radix", *c) for c in radix]:
-            sel.TUNE.update(block=block or default["block"], num_warps=warps or default["num_warps"])
+            if method == "row":    # `warps` is the row method's keys per thread
+                sel.TUNE.update(row_keys=warps)
+            else:
+                sel.TUNE.update(block=block or default["block"], num_warps=warps or default["num_warps"])
             run = lambda: K.select_zones(sc, cnt, ret_n, est_n, R, E, splits, method=method)  # noqa: E731
             try:
                 ok = all(torch.equal(a.sort(-1).values, b) for a, b in zip(run(), ref))
-                config = "row" if method == "row" else f"b{block}/{warps}/s{splits or 'auto'}"
+                config = f"row/k{warps}" if method == "row" else f"b{block}/{warps}/s{splits or 'auto'}"
                 row = {"kernel": "select_zones", "config": f"{S * HKV}x{W} {config}",
                        "bytes": S * HKV * (W + R + E) * 4, "ok": ok}
                 topk = lambda: sc.topk(R + E, dim=-1, sorted=True)    # noqa: E731

@@ -78,6 +78,35 @@ def graph_time(fn, iters: int = 20) -> float:
     return cuda_time(g.replay, iters=iters)
 
 
+def graph_timeline(fn, title: str) -> None:
+    """Prints the kernels of one CUDA-graph replay of fn() in start order: start offset, duration
+    and stream, so the critical path and the overlap of side-stream work can be read."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    graph_time(fn, iters=2)                       # warm and capture once outside the profiler
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        g.replay()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")),
+                     key=lambda e: e["ts"])
+    if not kernels:
+        print(f"{title}: no kernels in the trace")
+        return
+    t0 = kernels[0]["ts"]
+    end = max(e["ts"] + e["dur"] for e in kernels)
+    print(f"{title}: {len(kernels)} kernels, {end - t0:.1f} us from first start to last end")
+    for e in kernels:
+        print(f"  {e['ts'] - t0:8.1f} {e['dur']:7.1f}  s{e.get('tid')}  {e['name'][:70]}")
+
+
 def write_result(name: str, data: dict) -> Path:
     env = data.setdefault("env", environment())
     RESULTS.mkdir(parents=True, exist_ok=True)

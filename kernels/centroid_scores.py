@@ -20,6 +20,7 @@ from ._triton_util import (FLOAT_DTYPES, cdiv, check_last_contiguous, dot_precis
                            next_pow2, pick_splits, tl, use_triton)
 
 LOG2E = 1.4426950408889634
+TUNE = {"block_c": 64, "num_warps": 4, "num_stages": 3, "waves": 4}   # logits pass (bench_kernels sweep)
 
 
 @lazy_jit
@@ -164,10 +165,10 @@ def centroid_scores(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tens
     scores = torch.empty(B, Hkv, C, device=q.device, dtype=torch.float32)
     if B * Hkv * C == 0:
         return scores
-    BLOCK_C, BLOCK_G = 64, max(16, next_pow2(G))
+    BLOCK_C, BLOCK_G = TUNE["block_c"], max(16, next_pow2(G))
     max_blocks = cdiv(C, BLOCK_C)
     if num_splits is None:
-        num_splits = pick_splits(B * Hkv, max_blocks, q.device)
+        num_splits = pick_splits(B * Hkv, max_blocks, q.device, TUNE["waves"])
     num_splits = max(1, min(int(num_splits), max_blocks))
     z = torch.empty(B * Hkv * G, C, device=q.device, dtype=torch.float32)
     pm = torch.empty(B * Hkv * G, num_splits, device=q.device, dtype=torch.float32)
@@ -179,7 +180,8 @@ def centroid_scores(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tens
         centroids.stride(0), centroids.stride(1), centroids.stride(2),
         Hkv, G, C, D, num_splits,
         BLOCK_C=BLOCK_C, BLOCK_G=BLOCK_G, BLOCK_D=max(16, next_pow2(D)),
-        PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=3, HAS_BASE=base is not None,
+        PRECISION=dot_precision(q.dtype), num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"],
+        HAS_BASE=base is not None,
     )
     BLOCK_C2 = 256
     _centroid_probs_kernel[(B * Hkv, cdiv(C, BLOCK_C2))](

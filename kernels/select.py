@@ -40,11 +40,12 @@ import torch
 from ._triton_util import cdiv, check_last_contiguous, lazy_jit, next_pow2, pick_splits, tl, use_triton
 
 TUNE = {"block": 2048, "num_warps": 8, "waves": 4,   # radix: H100 sweep (bench_kernels --only select)
-        "row_max": 16384}          # longest row for the one-launch method (at most 2**14: packed counts)
+        "row_max": 16384,          # longest row for the one-launch method (at most 2**14: packed counts)
+        "row_keys": 16}            # row method: keys per thread (sets its warps; H200 sweep: 16 < 8 < 32)
 
 
 def _row_warps(block: int) -> int:
-    return max(4, min(32, block // 1024))           # about 32 keys per thread
+    return max(4, min(32, block // (32 * TUNE["row_keys"])))
 
 
 @lazy_jit

@@ -214,12 +214,16 @@ class WaveAttention(AttentionBackend):
             zones.append(weighted_decode(q_slots, ks, vs, plan.steady_len, None, self.scale, partial=True))
         if cap:
             ret, est = self._select(layer, plan, q_slots)
+            if not self.offload:   # the row numbers first: a few microseconds the side work would delay
+                retrieved = self._retrieve(layer, plan, ret)
             if E:   # the estimation zone's clusters (plan.estimate of them per slot), read in place
                 with self.side.fork():
                     zones.append(estimate_decode(q_slots, p.centroids[layer], p.value_mean[layer], p.log_size[layer],
                                                  est, plan.estimate, self.scale, base=plan.base, width=E,
                                                  partial=True))
-            k_x, v_x, rows, lengths = self._retrieve(layer, plan, ret)
+            if self.offload:       # the cache plan and the gather over PCIe, beside the estimation
+                retrieved = self._retrieve(layer, plan, ret)
+            k_x, v_x, rows, lengths = retrieved
             zones.append(weighted_decode(q_slots, k_x, v_x, lengths, None, self.scale, partial=True, rows=rows))
         self.side.join()
         out = q.new_empty((S, H, Hq // H, D))
