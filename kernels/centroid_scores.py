@@ -14,6 +14,8 @@ splits' (max, sum) per query, then ``sum_g exp(z - max_g) / sum_g`` per centroid
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ._triton_util import (FLOAT_DTYPES, cdiv, check_last_contiguous, dot_precision, lazy_jit,
@@ -135,6 +137,93 @@ def _ragged_view(centroids: torch.Tensor, base: torch.Tensor, width: int) -> tor
     return centroids[:, idx].transpose(0, 1)
 
 
+@dataclass
+class CentroidLogits:
+    """The logits pass's output: ``z [B * Hkv * G, C]`` fp32, ``scale * log2(e) * q . c`` (-inf
+    past the count), and per split of C the running max ``pm`` and sum of ``exp2(z - pm)`` ``pl``
+    ``[B * Hkv * G, splits]``. Row ``(b * Hkv + h) * G + g`` is query head g of kv head h."""
+    z: torch.Tensor
+    pm: torch.Tensor
+    pl: torch.Tensor
+    shape: tuple[int, int, int, int]      # (B, Hkv, G, C)
+
+
+def centroid_logits(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor, scale: float,
+                    num_splits: int | None = None, base: torch.Tensor | None = None,
+                    width: int | None = None) -> CentroidLogits:
+    """The first pass of ``centroid_scores`` (same arguments): every centroid's logit for every
+    query head, and the softmax normalisers per split. ``centroid_probs`` finishes the scores;
+    ``select.select_zones_logits`` finishes them inside the zone choice."""
+    if base is not None:
+        assert centroids.dim() == 3 and width is not None and base.shape == counts.shape
+        if not use_triton(q, centroids):
+            centroids = _ragged_view(centroids, base, width)
+        else:
+            assert width <= centroids.shape[1], (width, centroids.shape)
+            q = q.to(centroids.dtype)      # never promote the pool: the view below is B-fold
+            centroids = centroids[None].expand(q.shape[0], -1, -1, -1)[:, :, :width]
+    B, Hkv, G, D, C = _check(q, centroids, counts)
+    if not use_triton(q, centroids):   # torch: one split
+        z = torch.einsum("bhgd,bhcd->bhgc", q.float(), centroids.float()).mul_(float(scale) * LOG2E)
+        z = z.masked_fill(torch.arange(C, device=q.device) >= counts.long()[:, None, None, None], float("-inf"))
+        z = z.reshape(B * Hkv * G, C)
+        pm = z.amax(1, keepdim=True) if C else z.new_full((B * Hkv * G, 1), float("-inf"))
+        pl = torch.exp2(z - torch.where(pm == float("-inf"), 0.0, pm)).sum(1, keepdim=True)
+        return CentroidLogits(z, pm, pl, (B, Hkv, G, C))
+    check_last_contiguous("q", q)
+    check_last_contiguous("centroids", centroids)
+    if q.dtype != centroids.dtype:
+        dt = torch.promote_types(q.dtype, centroids.dtype)
+        q, centroids = q.to(dt), centroids.to(dt)
+    counts = counts.contiguous()
+    BLOCK_C, BLOCK_G = TUNE["block_c"], max(16, next_pow2(G))
+    max_blocks = max(1, cdiv(C, BLOCK_C))
+    if num_splits is None:
+        num_splits = pick_splits(B * Hkv, max_blocks, q.device, TUNE["waves"])
+    num_splits = max(1, min(int(num_splits), max_blocks))
+    z = torch.empty(B * Hkv * G, C, device=q.device, dtype=torch.float32)
+    pm = torch.empty(B * Hkv * G, num_splits, device=q.device, dtype=torch.float32)
+    pl = torch.empty_like(pm)
+    if B * Hkv * C:
+        _centroid_logits_kernel[(B * Hkv, num_splits)](
+            q, centroids, counts, base if base is not None else counts, z, pm, pl,
+            float(scale) * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            centroids.stride(0), centroids.stride(1), centroids.stride(2),
+            Hkv, G, C, D, num_splits,
+            BLOCK_C=BLOCK_C, BLOCK_G=BLOCK_G, BLOCK_D=max(16, next_pow2(D)),
+            PRECISION=dot_precision(q.dtype), num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"],
+            HAS_BASE=base is not None,
+        )
+    return CentroidLogits(z, pm, pl, (B, Hkv, G, C))
+
+
+def centroid_probs(logits: CentroidLogits, counts: torch.Tensor) -> torch.Tensor:
+    """The second pass of ``centroid_scores``: scores [B, Hkv, C] float32, -1.0 on padding."""
+    B, Hkv, G, C = logits.shape
+    z, pm, pl = logits.z, logits.pm, logits.pl
+    if not use_triton(z):
+        m = pm.amax(1, keepdim=True)
+        m_safe = torch.where(m == float("-inf"), 0.0, m)
+        l_sum = (pl * torch.exp2(pm - m_safe)).sum(1, keepdim=True)
+        p = torch.exp2(z - m_safe) * torch.where(l_sum > 0, 1.0 / torch.where(l_sum > 0, l_sum, 1.0), 0.0)
+        scores = p.view(B, Hkv, G, C).sum(2)
+        return scores.masked_fill_(torch.arange(C, device=z.device) >= counts.long()[:, None, None], -1.0)
+    scores = torch.empty(B, Hkv, C, device=z.device, dtype=torch.float32)
+    if B * Hkv * C == 0:
+        return scores
+    BLOCK_C2 = 256
+    num_splits = pm.shape[1]
+    _centroid_probs_kernel[(B * Hkv, cdiv(C, BLOCK_C2))](
+        z, pm, pl, counts.contiguous(), scores,
+        scores.stride(0), scores.stride(1),
+        Hkv, G, C, num_splits,
+        BLOCK_C=BLOCK_C2, BLOCK_G=next_pow2(G), BLOCK_S=next_pow2(max(num_splits, 2)),
+        num_warps=4,
+    )
+    return scores
+
+
 def centroid_scores(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor,
                     scale: float, num_splits: int | None = None, base: torch.Tensor | None = None,
                     width: int | None = None) -> torch.Tensor:
@@ -146,52 +235,12 @@ def centroid_scores(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tens
     Ragged form: `centroids` is a pool [Hkv, N, D] and `base` [B] int64 says where row b's
     clusters start in it; `width` (>= max counts) is C, the width of the scores.
     """
-    if base is not None:
-        assert centroids.dim() == 3 and width is not None and base.shape == counts.shape
-        if not use_triton(q, centroids):
-            return centroid_scores_ref(q, _ragged_view(centroids, base, width), counts, scale)
-        assert width <= centroids.shape[1], (width, centroids.shape)
-        q = q.to(centroids.dtype)      # never promote the pool: the view below is B-fold
-        centroids = centroids[None].expand(q.shape[0], -1, -1, -1)[:, :, :width]
     if not use_triton(q, centroids):
+        if base is not None:
+            assert centroids.dim() == 3 and width is not None and base.shape == counts.shape
+            centroids = _ragged_view(centroids, base, width)
         return centroid_scores_ref(q, centroids, counts, scale)
-    B, Hkv, G, D, C = _check(q, centroids, counts)
-    check_last_contiguous("q", q)
-    check_last_contiguous("centroids", centroids)
-    if q.dtype != centroids.dtype:
-        dt = torch.promote_types(q.dtype, centroids.dtype)
-        q, centroids = q.to(dt), centroids.to(dt)
-    counts = counts.contiguous()
-    scores = torch.empty(B, Hkv, C, device=q.device, dtype=torch.float32)
-    if B * Hkv * C == 0:
-        return scores
-    BLOCK_C, BLOCK_G = TUNE["block_c"], max(16, next_pow2(G))
-    max_blocks = cdiv(C, BLOCK_C)
-    if num_splits is None:
-        num_splits = pick_splits(B * Hkv, max_blocks, q.device, TUNE["waves"])
-    num_splits = max(1, min(int(num_splits), max_blocks))
-    z = torch.empty(B * Hkv * G, C, device=q.device, dtype=torch.float32)
-    pm = torch.empty(B * Hkv * G, num_splits, device=q.device, dtype=torch.float32)
-    pl = torch.empty_like(pm)
-    _centroid_logits_kernel[(B * Hkv, num_splits)](
-        q, centroids, counts, base if base is not None else counts, z, pm, pl,
-        float(scale) * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        centroids.stride(0), centroids.stride(1), centroids.stride(2),
-        Hkv, G, C, D, num_splits,
-        BLOCK_C=BLOCK_C, BLOCK_G=BLOCK_G, BLOCK_D=max(16, next_pow2(D)),
-        PRECISION=dot_precision(q.dtype), num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"],
-        HAS_BASE=base is not None,
-    )
-    BLOCK_C2 = 256
-    _centroid_probs_kernel[(B * Hkv, cdiv(C, BLOCK_C2))](
-        z, pm, pl, counts, scores,
-        scores.stride(0), scores.stride(1),
-        Hkv, G, C, num_splits,
-        BLOCK_C=BLOCK_C2, BLOCK_G=next_pow2(G), BLOCK_S=next_pow2(max(num_splits, 2)),
-        num_warps=4,
-    )
-    return scores
+    return centroid_probs(centroid_logits(q, centroids, counts, scale, num_splits, base, width), counts)
 
 
-__all__ = ["centroid_scores", "centroid_scores_ref"]
+__all__ = ["CentroidLogits", "centroid_logits", "centroid_probs", "centroid_scores", "centroid_scores_ref"]

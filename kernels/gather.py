@@ -37,7 +37,7 @@ def _gather_clusters_kernel(
     stride_cah, stride_cas,
     R, C, L_MAX, D, dst_start, HEADS,
     CHUNK: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_CACHE: tl.constexpr, SLOT_ROWS: tl.constexpr, ROWS_ONLY: tl.constexpr, HAS_TALLY: tl.constexpr,
+    HAS_CACHE: tl.constexpr, SLOT_ROWS: tl.constexpr, HAS_TALLY: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)      # row of cluster_ids / dst / lengths
     hs = h % HEADS                         # row of src / offsets (batched: (b, h) -> h)
@@ -82,27 +82,60 @@ def _gather_clusters_kernel(
             ws = tl.sum(tl.where(sel, wslot, 0), axis=0).to(tl.int64)
         for i in range(0, n, BLOCK_ROWS):
             rows = i + offs_r
-            if ROWS_ONLY:   # `cluster_rows`: the source row numbers, no data
-                tl.store(dk_ptr + h * stride_dkh + (dst0 + rows), src0 + rows, mask=(rows < n) & (dst0 + rows < L_MAX))
-            else:
-                m = ((rows < n) & (dst0 + rows < L_MAX))[:, None] & dmask[None, :]
-                src_rows = (src0 + rows).to(tl.int64)[:, None]
-                dst_rows = (dst0 + rows).to(tl.int64)[:, None]
-                src_k = sk_ptr + hs * stride_skh + src_rows * stride_skn + offs_d[None, :]
-                src_v = sv_ptr + hs * stride_svh + src_rows * stride_svn + offs_d[None, :]
-                if HAS_CACHE:   # SLOT_ROWS is a multiple of BLOCK_ROWS: a tile is all cache or all source
-                    cache_rows = hs * stride_cah + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
-                    if (rs >= 0) & (i < SLOT_ROWS):
-                        src_k = ck_ptr + rs * stride_cas + cache_rows
-                        src_v = cv_ptr + rs * stride_cas + cache_rows
-                k = tl.load(src_k, mask=m)
-                v = tl.load(src_v, mask=m)
-                tl.store(dk_ptr + h * stride_dkh + dst_rows * stride_dkn + offs_d[None, :], k, mask=m)
-                tl.store(dv_ptr + h * stride_dvh + dst_rows * stride_dvn + offs_d[None, :], v, mask=m)
-                if HAS_CACHE:
-                    if (ws >= 0) & (i < SLOT_ROWS):
-                        tl.store(ck_ptr + ws * stride_cas + cache_rows, k, mask=m)
-                        tl.store(cv_ptr + ws * stride_cas + cache_rows, v, mask=m)
+            m = ((rows < n) & (dst0 + rows < L_MAX))[:, None] & dmask[None, :]
+            src_rows = (src0 + rows).to(tl.int64)[:, None]
+            dst_rows = (dst0 + rows).to(tl.int64)[:, None]
+            src_k = sk_ptr + hs * stride_skh + src_rows * stride_skn + offs_d[None, :]
+            src_v = sv_ptr + hs * stride_svh + src_rows * stride_svn + offs_d[None, :]
+            if HAS_CACHE:   # SLOT_ROWS is a multiple of BLOCK_ROWS: a tile is all cache or all source
+                cache_rows = hs * stride_cah + rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+                if (rs >= 0) & (i < SLOT_ROWS):
+                    src_k = ck_ptr + rs * stride_cas + cache_rows
+                    src_v = cv_ptr + rs * stride_cas + cache_rows
+            k = tl.load(src_k, mask=m)
+            v = tl.load(src_v, mask=m)
+            tl.store(dk_ptr + h * stride_dkh + dst_rows * stride_dkn + offs_d[None, :], k, mask=m)
+            tl.store(dv_ptr + h * stride_dvh + dst_rows * stride_dvn + offs_d[None, :], v, mask=m)
+            if HAS_CACHE:
+                if (ws >= 0) & (i < SLOT_ROWS):
+                    tl.store(ck_ptr + ws * stride_cas + cache_rows, k, mask=m)
+                    tl.store(cv_ptr + ws * stride_cas + cache_rows, v, mask=m)
+
+
+@lazy_jit
+def _cluster_rows_kernel(
+    off_ptr, cid_ptr, len_ptr, out_ptr,
+    stride_oh, stride_ch, stride_outh,
+    R, C, L_MAX, HEADS,
+    CHUNK: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+):
+    """Row numbers only: a program's CHUNK clusters are written side by side, a [CHUNK, BLOCK_ROWS]
+    tile per step (the data gather walks its clusters one by one: it is bound by the copy)."""
+    h = tl.program_id(0).to(tl.int64)
+    hs = h % HEADS
+    first = tl.program_id(1) * CHUNK
+    offs = tl.arange(0, BLOCK_SEL)
+    ids = tl.load(cid_ptr + h * stride_ch + offs, mask=offs < R, other=-1)
+    valid = (ids >= 0) & (ids < C)
+    ids = tl.where(valid, ids, 0)
+    sizes = tl.load(off_ptr + hs * stride_oh + ids + 1, mask=valid, other=0) - \
+        tl.load(off_ptr + hs * stride_oh + ids, mask=valid, other=0)
+    if first == 0:
+        tl.store(len_ptr + h, tl.minimum(tl.sum(sizes, axis=0), L_MAX))
+    before = tl.sum(tl.where(offs < first, sizes, 0), axis=0)
+    oc = first + tl.arange(0, CHUNK)
+    cid = tl.load(cid_ptr + h * stride_ch + oc, mask=oc < R, other=-1)
+    ok = (cid >= 0) & (cid < C)
+    cid = tl.where(ok, cid, 0)
+    lo = tl.load(off_ptr + hs * stride_oh + cid, mask=ok, other=0)
+    n = tl.load(off_ptr + hs * stride_oh + cid + 1, mask=ok, other=0) - lo
+    dst0 = before + tl.cumsum(n, axis=0) - n
+    offs_r = tl.arange(0, BLOCK_ROWS)
+    for i in range(0, tl.max(n, axis=0), BLOCK_ROWS):
+        rows = i + offs_r
+        dst = dst0[:, None] + rows[None, :]
+        tl.store(out_ptr + h * stride_outh + dst, lo[:, None] + rows[None, :],
+                 mask=(rows[None, :] < n[:, None]) & (dst < L_MAX))
 
 
 def _plan(offsets, cluster_ids):
@@ -179,12 +212,8 @@ def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int
     """One launch over `rows` = ids.shape[0] destination rows; row x reads source head x % heads.
     ids [rows, R]; dst [rows, Lmax, D]; cache: (cache_k, cache_v, read_slot, write_slot) or None;
     tally: [4] int64 running totals or None (see `gather_clusters_cached`).
-    dst_k [rows, Lmax] int32 with src_k None: source row numbers instead of data (``cluster_rows``).
     Returns lengths [rows] int32 (and, with a cache, the rows read from the source [rows] int32)."""
     rows, R = ids.shape
-    rows_only = src_k is None
-    if rows_only:
-        dst_k = src_k = src_v = dst_v = dst_k[:, :, None]
     Lmax, D = dst_k.shape[1], dst_k.shape[2]
     if rows * R == 0:
         lengths = torch.zeros(rows, dtype=torch.int32, device=dst_k.device)
@@ -204,7 +233,7 @@ def _launch(src_k, src_v, offsets, ids, dst_k, dst_v, dst_start: int, heads: int
         ck.stride(0) if cache is not None else 0, ck.stride(1) if cache is not None else 0,
         R, offsets.shape[1] - 1, Lmax, D, int(dst_start), heads,
         CHUNK=chunk, BLOCK_SEL=next_pow2(max(R, 2)), BLOCK_ROWS=16, BLOCK_D=max(16, next_pow2(D)),
-        HAS_CACHE=cache is not None, SLOT_ROWS=ck.shape[2] if cache is not None else 0, ROWS_ONLY=rows_only,
+        HAS_CACHE=cache is not None, SLOT_ROWS=ck.shape[2] if cache is not None else 0,
         HAS_TALLY=tally is not None,
         num_warps=4,
     )
@@ -277,9 +306,17 @@ def cluster_rows(offsets: torch.Tensor, cluster_ids: torch.Tensor, rows_out: tor
     assert rows_out.shape[:2] == (B, Hkv) and rows_out.dtype == torch.int32 and rows_out.is_contiguous()
     if not use_triton(offsets, cluster_ids, rows_out):
         return cluster_rows_ref(offsets, cluster_ids, rows_out)
-    rows = B * Hkv
-    lengths = _launch(None, None, offsets.contiguous(), cluster_ids.reshape(rows, R).contiguous(),
-                      rows_out.view(rows, -1), None, 0, Hkv)
+    rows, Lmax = B * Hkv, rows_out.shape[2]
+    if rows * R == 0:
+        return torch.zeros(B, Hkv, dtype=torch.int32, device=rows_out.device)
+    lengths = torch.empty(rows, dtype=torch.int32, device=rows_out.device)   # each row's first program
+    offsets, ids = offsets.contiguous(), cluster_ids.reshape(rows, R).contiguous()
+    chunk = min(32, next_pow2(max(2, rows * R // (4 * num_sms(rows_out.device)))))
+    _cluster_rows_kernel[(rows, cdiv(R, chunk))](
+        offsets, ids, lengths, rows_out, offsets.stride(0), ids.stride(0), rows_out.stride(1),
+        R, offsets.shape[1] - 1, Lmax, Hkv,
+        CHUNK=chunk, BLOCK_SEL=next_pow2(max(R, 2)), BLOCK_ROWS=16, num_warps=4,
+    )
     return lengths.view(B, Hkv)
 
 

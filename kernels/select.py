@@ -50,10 +50,11 @@ def _row_warps(block: int) -> int:
 
 @lazy_jit
 def _select_row_kernel(
-    sc_ptr, cnt_ptr, ret_n_ptr, est_n_ptr, base_ptr, ret_ptr, est_ptr,
+    sc_ptr, cnt_ptr, ret_n_ptr, est_n_ptr, base_ptr, ret_ptr, est_ptr, pm_ptr, pl_ptr,
     stride_ss, stride_sh, stride_rs, stride_rh, stride_es, stride_eh,
-    HKV, W, R, E,
-    BLOCK: tl.constexpr, HAS_BASE: tl.constexpr,
+    HKV, W, R, E, NUM_SPLITS,
+    BLOCK: tl.constexpr, HAS_BASE: tl.constexpr, FROM_LOGITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    G: tl.constexpr,
 ):
     row = tl.program_id(0)
     s = (row // HKV).to(tl.int64)
@@ -64,7 +65,26 @@ def _select_row_kernel(
 
     offs = tl.arange(0, BLOCK)
     valid = offs < n
-    b = tl.load(sc_ptr + s * stride_ss + h * stride_sh + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+    if FROM_LOGITS:   # the scores of centroid_probs, from the logits pass (sc_ptr: z [rows * G, W])
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_g = tl.arange(0, 4)
+        x = tl.zeros([BLOCK], tl.float32)
+        for g0 in tl.static_range(0, G, 4):   # 4 query heads at a time: their loads go out together
+            gm = g0 + offs_g < G
+            zr = row.to(tl.int64) * G + g0 + offs_g
+            sm = gm[:, None] & (offs_s < NUM_SPLITS)[None, :]
+            pm = tl.load(pm_ptr + zr[:, None] * NUM_SPLITS + offs_s[None, :], mask=sm, other=float("-inf"))
+            pl = tl.load(pl_ptr + zr[:, None] * NUM_SPLITS + offs_s[None, :], mask=sm, other=0.0)
+            z = tl.load(sc_ptr + zr[:, None] * W + offs[None, :], mask=gm[:, None] & valid[None, :],
+                        other=float("-inf"))
+            m = tl.max(pm, axis=1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            l_sum = tl.sum(pl * tl.exp2(pm - m_safe[:, None]), axis=1)
+            inv = tl.where(l_sum > 0.0, 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0), 0.0)
+            x += tl.sum(tl.exp2(z - m_safe[:, None]) * inv[:, None], axis=0)
+        b = x.to(tl.int32, bitcast=True)
+    else:
+        b = tl.load(sc_ptr + s * stride_ss + h * stride_sh + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
     b = tl.where(b == -2147483648, 0, b)                                  # -0.0 -> +0.0
     key = tl.where(b < 0, b ^ 0x7FFFFFFF, b)                              # signed order = float order
     key = tl.where(valid, key, -2147483648)    # below every threshold tried (a valid key never is: NaN bits)
@@ -301,13 +321,7 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
         method = "row" if W <= TUNE["row_max"] else "radix"
     assert method in ("row", "radix"), method
     if method == "row":
-        assert W <= 2 ** 14, f"method 'row' takes rows of at most 16384 entries, not {W}"
-        block = next_pow2(max(W, 16))
-        _select_row_kernel[(rows,)](
-            scores, counts, retrieve, estimate, base, ret, est,
-            scores.stride(0), scores.stride(1), ret.stride(0), ret.stride(1), est.stride(0), est.stride(1),
-            H, W, R, E, BLOCK=block, HAS_BASE=has_base, num_warps=_row_warps(block),
-        )
+        _launch_row(scores, counts, retrieve, estimate, base if has_base else None, ret, est, None)
         return ret, est
     block = TUNE["block"]
     max_blocks = max(1, cdiv(W, block))
@@ -327,4 +341,42 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
     return ret, est
 
 
-__all__ = ["select_zones", "select_zones_ref"]
+def _launch_row(scores, counts, retrieve, estimate, base, ret, est, logits) -> None:
+    """The one-launch method; `logits` (a CentroidLogits, `scores` its z) has it compute the scores."""
+    S, H, R = ret.shape
+    E, W = est.shape[2], (logits.shape[3] if logits is not None else scores.shape[2])
+    assert W <= 2 ** 14, f"method 'row' takes rows of at most 16384 entries, not {W}"
+    block = next_pow2(max(W, 16))
+    splits = logits.pm.shape[1] if logits is not None else 1
+    pm, pl = (logits.pm, logits.pl) if logits is not None else (counts, counts)
+    _select_row_kernel[(S * H,)](
+        scores, counts, retrieve, estimate, base if base is not None else counts, ret, est, pm, pl,
+        scores.stride(0), scores.stride(1), ret.stride(0), ret.stride(1), est.stride(0), est.stride(1),
+        H, W, R, E, splits,
+        BLOCK=block, HAS_BASE=base is not None, FROM_LOGITS=logits is not None,
+        BLOCK_S=next_pow2(max(splits, 2)), G=logits.shape[2] if logits is not None else 1,
+        num_warps=_row_warps(block),
+    )
+
+
+def select_zones_logits(logits, counts: torch.Tensor, retrieve: torch.Tensor, estimate: torch.Tensor,
+                        R: int, E: int, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_zones(centroid_probs(logits, counts), ...)`` with the scores computed inside the
+    one-launch method when a row fits it: one kernel and one pass over the scores fewer. The
+    selection is exact for the scores as this kernel rounds them (the probs kernel may round the
+    last bit differently). ``logits``: a ``centroid_scores.CentroidLogits`` of shape [S, H, G, W]."""
+    from .centroid_scores import centroid_probs
+    S, H, G, W = logits.shape
+    if not use_triton(logits.z, counts) or W > TUNE["row_max"] or S * H == 0 or R + E == 0:
+        return select_zones(centroid_probs(logits, counts), counts, retrieve, estimate, R, E, base=base)
+    assert 0 <= R <= W and 0 <= E <= W, (R, E, W)
+    dev = logits.z.device
+    ret = torch.empty(S, H, R, device=dev, dtype=torch.int32)
+    est = torch.empty(S, H, E, device=dev, dtype=torch.int32)
+    if base is not None:
+        base = base.contiguous()
+    _launch_row(logits.z, counts.contiguous(), retrieve.contiguous(), estimate.contiguous(), base, ret, est, logits)
+    return ret, est
+
+
+__all__ = ["select_zones", "select_zones_logits", "select_zones_ref"]

@@ -23,13 +23,17 @@ MAX_SETS = 3
 
 @lazy_jit
 def _merge_splits_kernel(
-    po0, pl0, S0, po1, pl1, S1, po2, pl2, S2, out_ptr, lse_ptr,
-    D, stride_out,
+    po0, pl0, S0, po1, pl1, S1, po2, pl2, S2, out_ptr, lse_ptr, slot_ptr,
+    D, stride_out, PER,
     WRITE_LSE: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
 ):
-    # grid (rows, D / BLOCK_D); the splits' outputs stream through in CHUNK-row tiles (a whole
-    # [splits, D] tile in registers spills once a row has hundreds of splits)
-    row = tl.program_id(0).to(tl.int64)
+    # grid (output rows, D / BLOCK_D); the splits' outputs stream through in CHUNK-row tiles (a
+    # whole [splits, D] tile in registers spills once a row has hundreds of splits)
+    r_out = tl.program_id(0).to(tl.int64)
+    row = r_out
+    if HAS_SLOTS:   # output row i merges state row slots[i // PER] * PER + i % PER
+        row = tl.load(slot_ptr + r_out // PER).to(tl.int64) * PER + r_out % PER
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -60,31 +64,43 @@ def _merge_splits_kernel(
         o += tl.sum(w[:, None] * tl.load(po2 + (row * S2 + c + offs_c)[:, None] * D + offs_d[None, :],
                                          mask=sm[:, None] & dmask[None, :], other=0.0), axis=0)
     o = o / tl.where(sw == 0.0, 1.0, sw)
-    tl.store(out_ptr + row * stride_out + offs_d, o.to(out_ptr.dtype.element_ty), mask=dmask)
+    tl.store(out_ptr + r_out * stride_out + offs_d, o.to(out_ptr.dtype.element_ty), mask=dmask)
     if WRITE_LSE:
         if tl.program_id(1) == 0:
             lse_r = tl.where(sw == 0.0, float("-inf"), m_safe + tl.log(tl.where(sw == 0.0, 1.0, sw)))
-            tl.store(lse_ptr + row, lse_r)
+            tl.store(lse_ptr + r_out, lse_r)
 
 
-def _check(parts, out, lse):
+def _check(parts, out, lse, slots=None):
     assert 1 <= len(parts) <= MAX_SETS, f"1..{MAX_SETS} sets of partial states, got {len(parts)}"
     R, D = out.shape
     assert out.stride(1) == 1
+    rows = parts[0][0].shape[0] if slots is not None else R
+    if slots is not None:
+        assert slots.dim() == 1 and not slots.is_floating_point() and R % max(1, slots.shape[0]) == 0, \
+            (slots.shape, out.shape)
     for po, pl in parts:
         assert po.dtype == torch.float32 and pl.dtype == torch.float32
         assert po.is_contiguous() and pl.is_contiguous()
-        assert po.shape[0] == R and po.shape[2] == D and pl.shape == po.shape[:2], (po.shape, pl.shape, out.shape)
+        assert po.shape[0] == rows and po.shape[2] == D and pl.shape == po.shape[:2], (po.shape, pl.shape, out.shape)
     if lse is not None:
         assert lse.shape == (R,) and lse.dtype == torch.float32 and lse.is_contiguous()
     return R, D
 
 
-def merge_partials_ref(parts, out: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+def _slot_rows(slots, per: int) -> torch.Tensor:
+    return (slots.long()[:, None] * per + torch.arange(per, device=slots.device)).flatten()
+
+
+def merge_partials_ref(parts, out: torch.Tensor, lse: torch.Tensor | None = None,
+                       slots: torch.Tensor | None = None) -> None:
     """Plain-torch ``merge_partials`` (the CPU path and the test oracle)."""
-    _check(parts, out, lse)
+    R, _ = _check(parts, out, lse, slots)
     po = torch.cat([p for p, _ in parts], 1)
     pl = torch.cat([p for _, p in parts], 1)
+    if slots is not None:
+        rows = _slot_rows(slots, R // max(1, slots.shape[0]))
+        po, pl = po[rows], pl[rows]
     m = pl.max(dim=1).values
     m_safe = torch.where(torch.isinf(m) & (m < 0), 0.0, m)
     w = torch.exp(pl - m_safe[:, None])
@@ -94,13 +110,16 @@ def merge_partials_ref(parts, out: torch.Tensor, lse: torch.Tensor | None = None
         lse.copy_(torch.where(sw == 0, float("-inf"), m_safe + torch.log(torch.where(sw == 0, 1.0, sw))))
 
 
-def merge_partials(parts, out: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+def merge_partials(parts, out: torch.Tensor, lse: torch.Tensor | None = None,
+                   slots: torch.Tensor | None = None) -> None:
     """Merge sets of partial states ``parts = [(part_out [R, S_i, D] fp32, part_lse [R, S_i] fp32),
     ...]`` (1 to 3 sets, contiguous) into ``out [R, D]`` (any float dtype, rows may be strided)
-    and optionally ``lse [R]`` fp32, in place: one launch whatever the number of sets."""
+    and optionally ``lse [R]`` fp32, in place: one launch whatever the number of sets.
+    ``slots`` ([B] int, B dividing R, P = R / B): output row ``i`` merges the states' row
+    ``slots[i // P] * P + i % P`` (the states cover every slot; the output only the batch's)."""
     if not use_triton(out, *(t for p in parts for t in p)):
-        return merge_partials_ref(parts, out, lse)
-    R, D = _check(parts, out, lse)
+        return merge_partials_ref(parts, out, lse, slots)
+    R, D = _check(parts, out, lse, slots)
     if R == 0:
         return
     sets = list(parts) + [parts[0]] * (MAX_SETS - len(parts))
@@ -108,10 +127,10 @@ def merge_partials(parts, out: torch.Tensor, lse: torch.Tensor | None = None) ->
     block_d = min(64, next_pow2(max(D, 16)))
     _merge_splits_kernel[(R, -(-D // block_d))](
         sets[0][0], sets[0][1], counts[0], sets[1][0], sets[1][1], counts[1], sets[2][0], sets[2][1], counts[2],
-        out, lse if lse is not None else sets[0][1],
-        D, out.stride(0),
+        out, lse if lse is not None else sets[0][1], slots if slots is not None else sets[0][1],
+        D, out.stride(0), R // max(1, slots.shape[0]) if slots is not None else 1,
         WRITE_LSE=lse is not None, BLOCK_S=next_pow2(max(*counts, 2)), CHUNK=32, BLOCK_D=block_d,
-        num_warps=2,
+        HAS_SLOTS=slots is not None, num_warps=2,
     )
 
 

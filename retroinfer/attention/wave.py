@@ -226,21 +226,21 @@ class WaveAttention(AttentionBackend):
             k_x, v_x, rows, lengths = retrieved
             zones.append(weighted_decode(q_slots, k_x, v_x, lengths, None, self.scale, partial=True, rows=rows))
         self.side.join()
-        out = q.new_empty((S, H, Hq // H, D))
-        merge_partials(zones, out.view(-1, D))
-        return out[plan.slots].view(B, Hq, D)
+        out = q.new_empty((B, Hq, D))
+        merge_partials(zones, out.view(-1, D), slots=plan.slots)    # only the batch's slots
+        return out
 
     def _select(self, layer, plan: WavePlan, q_slots: torch.Tensor):
         """Scores every slot's clusters and selects its zones (exact, no sort): the retrieval zone
         as pool ids [S, H, R] and the estimation zone as local ids [S, H, E], -1 past the counts."""
-        from ..kernels.centroid_scores import centroid_scores
-        from ..kernels.select import select_zones
+        from ..kernels.centroid_scores import centroid_logits
+        from ..kernels.select import select_zones_logits
 
         p = self.pools
         S, W, R, E, cap = plan.shape
-        scores = centroid_scores(q_slots, p.centroids[layer], plan.counts, self.scale, base=plan.base, width=W)
+        logits = centroid_logits(q_slots, p.centroids[layer], plan.counts, self.scale, base=plan.base, width=W)
         # zone_sizes keeps retrieve + estimate <= counts, so the zones hold exactly those counts
-        return select_zones(scores, plan.counts, plan.retrieve, plan.estimate, R, E, base=plan.base)
+        return select_zones_logits(logits, plan.counts, plan.retrieve, plan.estimate, R, E, base=plan.base)
 
     def _retrieve(self, layer, plan: WavePlan, ret: torch.Tensor):
         """The retrieval zone's keys and values as (k, v, rows, lengths): a GPU-resident pool is

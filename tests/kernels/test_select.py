@@ -105,3 +105,57 @@ def test_select_is_deterministic(device, method):
     a = select_zones(x, cnt, ret_n, est_n, R, E, num_splits=2, method=method)
     b = select_zones(x, cnt, ret_n, est_n, R, E, num_splits=2, method=method)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# (S, H, G, W, counts, retrieve, estimate, R, E): the decode's shapes, scored from centroids
+LOGIT_CASES = [
+    (2, 2, 4, 300, [300, 0], [6, 0], [70, 0], 16, 128),
+    (3, 2, 3, 1000, [1000, 17, 999], [18, 1, 18], [232, 4, 231], 32, 256),
+    (2, 1, 7, 500, [500, 321], [9, 6], [116, 74], 16, 128),                   # Qwen's group of 7
+]
+LOGIT_GPU = [(16, 8, 4, 8192, [0] + [8188] * 8 + [0] * 7, [0] + [148] * 8 + [0] * 7,
+              [0] + [1900] * 8 + [0] * 7, 160, 1920)]   # 128K, batch 8 in slots 1..8
+
+
+@pytest.mark.parametrize("device,case", [pytest.param("cpu", c, id=f"interp-{i}") for i, c in enumerate(LOGIT_CASES)]
+                         + [pytest.param("cuda", c, marks=GPU, id=f"cuda-{i}")
+                            for i, c in enumerate(LOGIT_CASES + LOGIT_GPU)])
+def test_select_from_logits(device, case, monkeypatch):
+    """select_zones_logits, which scores the clusters inside the select, takes a top-r and a next-e
+    set of the scores centroid_probs gives (up to the last bit of rounding), with pool ids; past
+    the one-launch method's width it is select_zones on those scores, exactly."""
+    from retroinfer.kernels.centroid_scores import centroid_logits, centroid_probs
+    S, H, G, W, counts, retrieve, estimate, R, E = case
+    g = gen(device, "select-logits", case)
+    D = 64
+    q = (torch.randn(S, H, G, D, generator=g, device=device) * 2).to(torch.float16)
+    base = torch.arange(S, device=device) * (W + 5) + 3
+    pool = torch.randn(H, S * (W + 5) + 3, D, generator=g, device=device).to(torch.float16)
+    cnt = torch.tensor(counts, dtype=torch.int32, device=device)
+    ret_n, est_n = torch.tensor(retrieve, device=device), torch.tensor(estimate, device=device)
+    lg = centroid_logits(q, pool, cnt, D ** -0.5, base=base, width=W)
+    sc = centroid_probs(lg, cnt)
+    ret, est = sel.select_zones_logits(lg, cnt, ret_n, est_n, R, E, base=base)
+    tol = 1e-6
+    for s in range(S):
+        n = min(counts[s], W)
+        r, e = min(retrieve[s], n, R), min(estimate[s], n - min(retrieve[s], n, R), E)
+        assert (ret[s, :, r:] == -1).all() and (est[s, :, e:] == -1).all()
+        for h in range(H):
+            rs, es = ret[s, h, :r].long() - int(base[s]), est[s, h, :e].long()
+            assert ((rs >= 0) & (rs < n)).all() and ((es >= 0) & (es < n)).all()
+            taken = torch.zeros(n, dtype=torch.bool, device=device)
+            taken[rs] = True
+            assert not taken[es].any()
+            assert int(taken.sum()) == r
+            x = sc[s, h, :n]
+            rest = ~taken
+            rest[es] = False
+            if r and r < n:
+                assert x[rs].min() >= x[~taken].max() - tol
+            if e and int(rest.sum()):
+                assert x[es].min() >= x[rest].max() - tol
+    monkeypatch.setitem(sel.TUNE, "row_max", 16)       # too wide for the one-launch method now
+    ret2, est2 = sel.select_zones_logits(lg, cnt, ret_n, est_n, R, E, base=base)
+    want = select_zones(sc, cnt, ret_n, est_n, R, E, base=base)
+    assert torch.equal(ret2, want[0]) and torch.equal(est2, want[1])

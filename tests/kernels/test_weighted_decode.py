@@ -138,6 +138,12 @@ def test_merge_partials_equals_merged_zones(device, zones):
         fin = torch.isfinite(lse)
         assert rel_err(lse[fin], ref_lse.view(R)[fin]) < 1e-5
         assert (out[:G] == 0).all() and (lse[:G] == float("-inf")).all()
+        # only some slots' rows, in the slots' order (the wave decode's batch among its slots)
+        per, slots = Hkv * G, torch.tensor([2, 0], device=device)
+        part_out, part_lse = torch.empty(2 * per, D, device=device), torch.empty(2 * per, device=device)
+        merge(parts, part_out, part_lse, slots=slots)
+        assert torch.equal(part_out, torch.cat([out[2 * per:], out[:per]]))
+        assert torch.equal(part_lse, torch.cat([lse[2 * per:], lse[:per]]))
 
 
 def test_merge_states_inf_sides():
