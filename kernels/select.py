@@ -52,9 +52,8 @@ def _row_warps(block: int) -> int:
 def _select_row_kernel(
     sc_ptr, cnt_ptr, ret_n_ptr, est_n_ptr, base_ptr, ret_ptr, est_ptr, pm_ptr, pl_ptr,
     stride_ss, stride_sh, stride_rs, stride_rh, stride_es, stride_eh,
-    HKV, W, R, E, NUM_SPLITS,
+    HKV, W, R, E, G, NUM_SPLITS,
     BLOCK: tl.constexpr, HAS_BASE: tl.constexpr, FROM_LOGITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    G: tl.constexpr,
 ):
     row = tl.program_id(0)
     s = (row // HKV).to(tl.int64)
@@ -67,21 +66,17 @@ def _select_row_kernel(
     valid = offs < n
     if FROM_LOGITS:   # the scores of centroid_probs, from the logits pass (sc_ptr: z [rows * G, W])
         offs_s = tl.arange(0, BLOCK_S)
-        offs_g = tl.arange(0, 4)
         x = tl.zeros([BLOCK], tl.float32)
-        for g0 in tl.static_range(0, G, 4):   # 4 query heads at a time: their loads go out together
-            gm = g0 + offs_g < G
-            zr = row.to(tl.int64) * G + g0 + offs_g
-            sm = gm[:, None] & (offs_s < NUM_SPLITS)[None, :]
-            pm = tl.load(pm_ptr + zr[:, None] * NUM_SPLITS + offs_s[None, :], mask=sm, other=float("-inf"))
-            pl = tl.load(pl_ptr + zr[:, None] * NUM_SPLITS + offs_s[None, :], mask=sm, other=0.0)
-            z = tl.load(sc_ptr + zr[:, None] * W + offs[None, :], mask=gm[:, None] & valid[None, :],
-                        other=float("-inf"))
-            m = tl.max(pm, axis=1)
+        for g in range(G):
+            zr = row.to(tl.int64) * G + g
+            pm = tl.load(pm_ptr + zr * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+            pl = tl.load(pl_ptr + zr * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=0.0)
+            m = tl.max(pm, axis=0)
             m_safe = tl.where(m == float("-inf"), 0.0, m)
-            l_sum = tl.sum(pl * tl.exp2(pm - m_safe[:, None]), axis=1)
+            l_sum = tl.sum(pl * tl.exp2(pm - m_safe), axis=0)
             inv = tl.where(l_sum > 0.0, 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0), 0.0)
-            x += tl.sum(tl.exp2(z - m_safe[:, None]) * inv[:, None], axis=0)
+            z = tl.load(sc_ptr + zr * W + offs, mask=valid, other=float("-inf"))
+            x += tl.exp2(z - m_safe) * inv
         b = x.to(tl.int32, bitcast=True)
     else:
         b = tl.load(sc_ptr + s * stride_ss + h * stride_sh + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
@@ -352,10 +347,9 @@ def _launch_row(scores, counts, retrieve, estimate, base, ret, est, logits) -> N
     _select_row_kernel[(S * H,)](
         scores, counts, retrieve, estimate, base if base is not None else counts, ret, est, pm, pl,
         scores.stride(0), scores.stride(1), ret.stride(0), ret.stride(1), est.stride(0), est.stride(1),
-        H, W, R, E, splits,
+        H, W, R, E, logits.shape[2] if logits is not None else 1, splits,
         BLOCK=block, HAS_BASE=base is not None, FROM_LOGITS=logits is not None,
-        BLOCK_S=next_pow2(max(splits, 2)), G=logits.shape[2] if logits is not None else 1,
-        num_warps=_row_warps(block),
+        BLOCK_S=next_pow2(max(splits, 2)), num_warps=_row_warps(block),
     )
 
 

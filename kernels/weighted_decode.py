@@ -105,8 +105,8 @@ def _weighted_decode_split_kernel(
 
 @lazy_jit
 def _estimate_decode_split_kernel(
-    q_ptr, c_ptr, vm_ptr, ls_ptr, ids_ptr, cnt_ptr, base_ptr, start_ptr, po_ptr, pl_ptr,
-    sm_scale_log2,
+    q_ptr, c_ptr, vm_ptr, ls_ptr, ids_ptr, cnt_ptr, base_ptr, start_ptr, po_ptr, pl_ptr, z_ptr,
+    sm_scale_log2, stride_z,
     stride_qs, stride_qh, stride_qg,
     stride_ch, stride_cn,
     stride_vh, stride_vn,
@@ -115,6 +115,7 @@ def _estimate_decode_split_kernel(
     HKV, G, K, WIDTH, D, NUM_SPLITS,
     HAS_BASE: tl.constexpr, HAS_START: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    FROM_LOGITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -153,15 +154,21 @@ def _estimate_decode_split_kernel(
     for blk in range(blk_begin, blk_end):
         idx = blk * BLOCK_N + offs_n
         nmask = idx < n
-        cid = tl.load(id_row + (r0 + idx).to(tl.int64) * stride_ik, mask=nmask, other=0).to(tl.int64) + cbase
+        lid = tl.load(id_row + (r0 + idx).to(tl.int64) * stride_ik, mask=nmask, other=0).to(tl.int64)
+        cid = lid + cbase
         kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(c_row + cid[:, None] * stride_cn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_row + cid[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         lw = tl.load(l_row + cid * stride_ln, mask=nmask, other=0.0)
         if UPCAST:
-            k = k.to(tl.float32)
             v = v.to(tl.float32)
-        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2 + lw[None, :] * 1.4426950408889634
+        if FROM_LOGITS:   # q . c already scored (scaled, log2 units) by centroid_logits: no key read
+            zq = z_ptr + (pid.to(tl.int64) * G + offs_g)[:, None] * stride_z + lid[None, :]
+            sc = tl.load(zq, mask=gmask[:, None] & nmask[None, :], other=0.0) + lw[None, :] * 1.4426950408889634
+        else:
+            k = tl.load(c_row + cid[:, None] * stride_cn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2 + lw[None, :] * 1.4426950408889634
         sc = tl.where(nmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all weights 0 so far
@@ -332,7 +339,7 @@ def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.
                     log_size: torch.Tensor, ids: torch.Tensor, count: torch.Tensor, scale: float, *,
                     base: torch.Tensor | None = None, start: torch.Tensor | None = None,
                     width: int | None = None, num_splits: int | None = None,
-                    partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    partial: bool = False, logits=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimation-zone attention read in place from the cluster pool (no gather, no buffer).
 
     q: [S, Hkv, G, D]; centroids, value_mean: [Hkv, N, D] (the layer's pool, last dim contiguous);
@@ -350,12 +357,16 @@ def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.
     count), ``base`` = first cluster of the slot, ``count`` = estimation count, ``width`` = E.
     ``width`` (default K) is the static cap that sizes the split grid (CUDA-graph safe: nothing is
     read back to the host); q is cast to the pool dtype. ``num_splits`` overrides the split factor;
-    ``partial`` as in ``weighted_decode``.
+    ``partial`` as in ``weighted_decode``. ``logits``: the ``centroid_scores.CentroidLogits`` of
+    these q and centroids, whose z the ids index (local ids, z's width): the kernel reads each
+    cluster's logits there instead of its centroid (the CPU path recomputes them).
     """
     if not use_triton(q, centroids, value_mean, log_size, ids, count):
         return _as_partial(estimate_decode_ref(q, centroids, value_mean, log_size, ids, count, scale, base=base,
                                                start=start, width=width), partial)
     S, Hkv, G, D, K, width = _check_estimate(q, centroids, value_mean, log_size, ids, count, base, start, width)
+    if logits is not None:
+        assert tuple(logits.shape[:3]) == (S, Hkv, G) and logits.z.stride(1) == 1, (logits.shape, q.shape)
     q = q.to(centroids.dtype)
     for name, t in (("q", q), ("centroids", centroids), ("value_mean", value_mean)):
         check_last_contiguous(name, t)
@@ -376,8 +387,8 @@ def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.
     _estimate_decode_split_kernel[(S * Hkv, num_splits)](
         q, centroids, value_mean, log_size, ids, count,
         base if base is not None else count, start if start is not None else count,
-        part_out, part_lse,
-        float(scale) * LOG2E,
+        part_out, part_lse, logits.z if logits is not None else part_lse,
+        float(scale) * LOG2E, logits.z.stride(0) if logits is not None else 0,
         q.stride(0), q.stride(1), q.stride(2),
         centroids.stride(0), centroids.stride(1),
         value_mean.stride(0), value_mean.stride(1),
@@ -386,7 +397,7 @@ def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.
         Hkv, G, K, width, D, num_splits,
         HAS_BASE=base is not None, HAS_START=start is not None, UPCAST=upcast,
         BLOCK_N=BLOCK_N, BLOCK_G=max(16, next_pow2(G)), BLOCK_D=max(16, next_pow2(D)),
-        PRECISION="ieee" if upcast else dot_precision(q.dtype),
+        PRECISION="ieee" if upcast else dot_precision(q.dtype), FROM_LOGITS=logits is not None,
         num_warps=TUNE_ESTIMATE["num_warps"], num_stages=TUNE_ESTIMATE["num_stages"],
     )
     return _finish(part_out, part_lse, (S, Hkv, G, D), partial)

@@ -213,14 +213,14 @@ class WaveAttention(AttentionBackend):
         with self.side.fork():
             zones.append(weighted_decode(q_slots, ks, vs, plan.steady_len, None, self.scale, partial=True))
         if cap:
-            ret, est = self._select(layer, plan, q_slots)
+            ret, est, logits = self._select(layer, plan, q_slots)
             if not self.offload:   # the row numbers first: a few microseconds the side work would delay
                 retrieved = self._retrieve(layer, plan, ret)
             if E:   # the estimation zone's clusters (plan.estimate of them per slot), read in place
                 with self.side.fork():
                     zones.append(estimate_decode(q_slots, p.centroids[layer], p.value_mean[layer], p.log_size[layer],
                                                  est, plan.estimate, self.scale, base=plan.base, width=E,
-                                                 partial=True))
+                                                 partial=True, logits=logits))
             if self.offload:       # the cache plan and the gather over PCIe, beside the estimation
                 retrieved = self._retrieve(layer, plan, ret)
             k_x, v_x, rows, lengths = retrieved
@@ -232,7 +232,8 @@ class WaveAttention(AttentionBackend):
 
     def _select(self, layer, plan: WavePlan, q_slots: torch.Tensor):
         """Scores every slot's clusters and selects its zones (exact, no sort): the retrieval zone
-        as pool ids [S, H, R] and the estimation zone as local ids [S, H, E], -1 past the counts."""
+        as pool ids [S, H, R] and the estimation zone as local ids [S, H, E], -1 past the counts;
+        and the clusters' logits, which the estimation zone reads instead of the centroids."""
         from ..kernels.centroid_scores import centroid_logits
         from ..kernels.select import select_zones_logits
 
@@ -240,7 +241,8 @@ class WaveAttention(AttentionBackend):
         S, W, R, E, cap = plan.shape
         logits = centroid_logits(q_slots, p.centroids[layer], plan.counts, self.scale, base=plan.base, width=W)
         # zone_sizes keeps retrieve + estimate <= counts, so the zones hold exactly those counts
-        return select_zones_logits(logits, plan.counts, plan.retrieve, plan.estimate, R, E, base=plan.base)
+        ret, est = select_zones_logits(logits, plan.counts, plan.retrieve, plan.estimate, R, E, base=plan.base)
+        return ret, est, logits
 
     def _retrieve(self, layer, plan: WavePlan, ret: torch.Tensor):
         """The retrieval zone's keys and values as (k, v, rows, lengths): a GPU-resident pool is

@@ -98,6 +98,15 @@ def test_estimate_decode_matches_ref_and_gathered(device, dtype, case):
     wd = weighted_decode_ref if (device == "cpu" and dtype == torch.bfloat16) else weighted_decode
     g_out, g_lse = wd(q, k, v, lens, lw, scale)
     check_state(out, lse, g_out, g_lse, dtype, f"estimate_decode vs gathered weighted_decode {case[:8]}")
+    if base is not None and not (device == "cpu" and dtype == torch.bfloat16):   # (interpreter: bf16 dot)
+        # The wave decode's form: local ids into the logits the scoring pass already computed
+        from retroinfer.kernels.centroid_scores import centroid_logits
+        span = N // S
+        lg = centroid_logits(q, cen, torch.full((S,), span, dtype=torch.int32, device=device), scale,
+                             base=base, width=span)
+        l_out, l_lse = estimate_decode(q, cen, vm, log_size, ids, cnt, scale, base=base, start=start, width=E,
+                                       logits=lg)
+        check_state(l_out, l_lse, ref_out, ref_lse, dtype, f"estimate_decode from logits vs ref {case[:8]}")
 
 
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.float16)] + [
