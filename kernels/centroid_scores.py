@@ -58,8 +58,10 @@ def _centroid_logits_kernel(
         c_base = c_ptr + b * stride_cb + h * stride_ch
     z_rows = z_ptr + (pid.to(tl.int64) * G + offs_g)[:, None] * C
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
+    # Running max and sum per tile position, reduced over the columns once after the loop: no
+    # cross-thread reduction inside it.
+    m_v = tl.full([BLOCK_G, BLOCK_C], float("-inf"), tl.float32)
+    l_v = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
     for blk in range(blk_begin, blk_end):
         idx = blk * BLOCK_C + offs_c
         cmask = idx < n
@@ -68,9 +70,12 @@ def _centroid_logits_kernel(
         z = tl.dot(q, tl.trans(cen), input_precision=PRECISION) * sm_scale_log2
         z = tl.where(cmask[None, :], z, float("-inf"))
         tl.store(z_rows + idx[None, :], z, mask=gmask[:, None] & cmask[None, :])
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
-        m_i = m_new
+        m_new = tl.maximum(m_v, z)
+        m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_v = l_v * tl.exp2(m_v - m_s) + tl.exp2(z - m_s)
+        m_v = m_new
+    m_i = tl.max(m_v, axis=1)
+    l_i = tl.sum(l_v * tl.exp2(m_v - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None]), axis=1)
     row = pid.to(tl.int64) * G + offs_g
     tl.store(pm_ptr + row * NUM_SPLITS + split, m_i, mask=gmask)
     tl.store(pl_ptr + row * NUM_SPLITS + split, l_i, mask=gmask)

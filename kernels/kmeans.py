@@ -52,9 +52,9 @@ def _kmeans_assign_kernel(
                     mask=kmask[:, None] & dmask[None, :], other=0.0)
         sc = tl.dot(x, tl.trans(c), input_precision=PRECISION)
         sc = tl.where(kmask[None, :], sc, float("-inf"))
-        tile_max = tl.max(sc, axis=1)
-        # first k of the tile reaching the max (explicit min: tie rule independent of tl.argmax)
-        tile_arg = tl.min(tl.where(sc == tile_max[:, None], kk[None, :], K), axis=1)
+        # max and the first column reaching it, in one reduction
+        tile_max, tile_arg = tl.max(sc, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        tile_arg = tile_arg + k0
         upd = tile_max > best
         best = tl.where(upd, tile_max, best)
         best_idx = tl.where(upd, tile_arg, best_idx)
