@@ -84,6 +84,17 @@ def plan(topo: Topology, *, host: str | None = None, port: int = 6379, use_numac
         raise RuntimeError("numactl requested but not installed")
     host = host or node_ip()
     address = f"{host}:{port}"
+    workers = range(worker_port_base, worker_port_base + len(topo.nodes) * WORKER_PORTS_PER_NODE)
+    taken = {port}
+
+    def fresh() -> str:
+        """A port free now and not yet given in this plan: the OS may hand a just-probed port out
+        again, and two daemons of one node on the same port fail its start."""
+        while (p := free_port()) in taken or p in workers:
+            pass
+        taken.add(p)
+        return str(p)
+
     plans = []
     for i, node in enumerate(topo.nodes):
         real = node.simulated_from if node.simulated_from is not None else node.id
@@ -91,16 +102,16 @@ def plan(topo: Topology, *, host: str | None = None, port: int = 6379, use_numac
                 "--num-cpus", str(len(node.cpus)), "--num-gpus", str(len(node.gpus)),
                 "--resources", json.dumps({"numa_node": 1, f"numa_node_{node.id}": 1}),
                 "--labels", f"numa={node.id}",
-                "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-                "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+                "--node-manager-port", fresh(), "--object-manager-port", fresh(),
+                "--dashboard-agent-listen-port", fresh(), "--dashboard-agent-grpc-port", fresh(),
+                "--metrics-export-port", fresh(), "--runtime-env-agent-port", fresh(),
                 "--min-worker-port", str(worker_port_base + i * WORKER_PORTS_PER_NODE),
                 "--max-worker-port", str(worker_port_base + (i + 1) * WORKER_PORTS_PER_NODE - 1)]
         if node.mem_total_bytes:
             argv += ["--object-store-memory", str(int(node.mem_total_bytes * object_store_fraction))]
         if i == 0:
             argv += ["--head", "--port", str(port), "--node-ip-address", host, "--include-dashboard", "false",
-                     "--ray-client-server-port", str(free_port())]
+                     "--ray-client-server-port", fresh()]
         else:
             argv += ["--address", address, "--node-ip-address", host]
         if temp_dir:

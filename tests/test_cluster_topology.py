@@ -99,6 +99,19 @@ def test_launcher_plan_binds_every_node():
                                         int(a1[a1.index("--max-worker-port") + 1])}
 
 
+def test_launcher_plan_ports_are_distinct(monkeypatch):
+    """The OS may hand out a just-probed port again: the plan never gives one port twice, nor the
+    head's port or a worker-range port (a head once failed to start with two daemons on one port)."""
+    topo = Topology((NumaNode(0, (0, 1), 8 << 30, 0, ()), NumaNode(1, (2, 3), 8 << 30, 0, ())))
+    probes = iter([6500, 40001, 40001, 20005, 40002] + list(range(41000, 41100)))
+    monkeypatch.setattr(launcher, "free_port", lambda: next(probes))
+    plans = launcher.plan(topo, host="10.0.0.1", port=6500, use_numactl=False)
+    ports = [int(p.argv[i + 1]) for p in plans for i, a in enumerate(p.argv)
+             if a.endswith("-port") and a not in ("--port", "--min-worker-port", "--max-worker-port")]
+    assert len(ports) == 13 and len(set(ports)) == len(ports)
+    assert 6500 not in ports and not any(20000 <= x < 22000 for x in ports)
+
+
 def test_launcher_uses_numactl_when_present(monkeypatch):
     monkeypatch.setattr(launcher.shutil, "which", lambda name: "/usr/bin/numactl" if name == "numactl" else None)
     real = simulate(discover(), 1)          # simulated: bind to the fake node's CPUs, real node's memory
