@@ -17,8 +17,8 @@ case "${1:-sweep}" in
     timeout 150 $B --model random:qwen2.5-7b $W --context 1048576 --batches 1 --graphs on --cache-fraction 0.5 \
       --cache-slot-rows 16 --warmup 40 --name decode_1m_qwen7b_cache50_v5 | grep -v "^{" ;;
   120k)
-    timeout 80 $B --attention full --context 122880 --batches max --graphs on --name decode_120k_full_v2 | grep -v "^{"
-    timeout 140 $B $W --context 122880 --batches max --graphs on --name decode_120k_wave_v2 | grep -v "^{" ;;
+    timeout 80 $B --attention full --context 122880 --batches max --graphs on --name decode_120k_full_v3 | grep -v "^{"
+    timeout 140 $B $W --context 122880 --batches max --graphs on --name decode_120k_wave_v3 | grep -v "^{" ;;
   sweep)
     timeout 150 $B --attention full --context 32768,65536,122880 --batches max --graphs on --name sweep_full \
       | grep -v "^{"
