@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 from retroinfer.engine.sampling import SamplingParams
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve.retroinfer")    # the replica's log under Serve
 
 
 class Rejected(Exception):
@@ -38,7 +38,8 @@ class Rejected(Exception):
 
 
 class EngineLoop:
-    def __init__(self, engine, *, on_step=None, stats_interval_s: float = 0.25, max_step_failures: int = 3):
+    def __init__(self, engine, *, on_step=None, stats_interval_s: float = 0.25, max_step_failures: int = 3,
+                 log_interval_s: float = 30.0):
         self.engine = engine
         self.engine.on_prefill_progress = self._on_progress
         self.on_step = on_step                      # callback(stats) on the loop thread (metrics)
@@ -54,6 +55,9 @@ class EngineLoop:
         self.stats = self._engine_stats()
         self.capacity_bytes = int(self.stats["capacity_bytes"])
         self._stats_at = time.monotonic()
+        self.log_interval_s = log_interval_s
+        self._timing = [0, 0.0, 0.0, time.monotonic()]    # steps, seconds in step(), seconds between, since
+        self._step_end = time.perf_counter()
         self.thread = threading.Thread(target=self._run, name="retroinfer-engine", daemon=True)
         self.thread.start()
 
@@ -163,10 +167,16 @@ class EngineLoop:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
+            t0 = time.perf_counter()
+            if not idle:
+                self._timing[2] += t0 - self._step_end
             idle = False
             try:
                 outputs = self.engine.step()
                 self._failures = 0
+                self._step_end = time.perf_counter()
+                self._timing[0] += 1
+                self._timing[1] += self._step_end - t0
             except Exception as e:
                 self._failures += 1
                 log.exception("engine step failed (%d in a row)", self._failures)
@@ -176,6 +186,17 @@ class EngineLoop:
             for out in outputs:
                 self._send(out.request_id, {"type": "output", **asdict(out)}, last=out.finished)
             self._refresh_stats()
+            self._log_timing()
+
+    def _log_timing(self) -> None:
+        """Now and then, where the loop's time goes: in engine steps (prefill chunks and decode
+        steps alike), or between them (delivery, stats, the GIL)."""
+        n, busy, between, since = self._timing
+        if time.monotonic() - since < self.log_interval_s or not n:
+            return
+        log.info("engine loop: %d steps, %.2f ms a step, %.2f ms between steps", n, 1e3 * busy / n,
+                 1e3 * between / n)
+        self._timing = [0, 0.0, 0.0, time.monotonic()]
 
     def _fail_all(self, message: str) -> None:
         with self._lock:

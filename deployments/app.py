@@ -50,6 +50,7 @@ class AppArgs(BaseModel):
     default_max_tokens: int = Field(256, ge=1)
     job_ttl_s: float = Field(3600.0, gt=0)
     ingress_num_cpus: float = Field(0.25, ge=0)
+    warmup_tokens: int = Field(2048, ge=0)   # a synthetic request per replica before it serves (0: none)
 
     @field_validator("model")
     @classmethod
@@ -119,7 +120,8 @@ def plan_replica(a: AppArgs, resources: dict) -> tuple[EngineConfig, dict, dict]
             per_node = max(1, int(gpus_per_node // (gpu * stages))) if gpu else 1
         bundles[0]["numa_node"] = math.floor(10_000 / per_node) / 10_000
     opts = dict(stages=stages, executor=executor, stage_num_cpus=a.cpus_per_stage, stage_num_gpus=gpu,
-                micro_batches=a.micro_batches, num_threads=threads, retry_after_s=a.retry_after_s)
+                micro_batches=a.micro_batches, num_threads=threads, retry_after_s=a.retry_after_s,
+                warmup_tokens=a.warmup_tokens)
     serve_opts = dict(num_replicas=a.num_replicas, ray_actor_options=actor, placement_group_bundles=bundles,
                       placement_group_strategy="STRICT_PACK", max_ongoing_requests=a.max_ongoing_requests,
                       max_queued_requests=a.max_queued_requests, health_check_period_s=5.0,

@@ -1,0 +1,102 @@
+"""EngineLoop: the engine on its own thread; outputs reach the asyncio side, and its timing log
+says where the loop's time goes."""
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cluster.engine_loop import EngineLoop
+from retroinfer.engine.sampling import SamplingParams
+
+
+@dataclass
+class Out:
+    request_id: str
+    token_ids: list = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class FakeEngine:
+    """Three steps of 2 ms per request, one token each."""
+    on_prefill_progress = None
+
+    def __init__(self):
+        self.left, self.rid = 0, None
+
+    def stats(self):
+        return {"capacity_bytes": 1 << 20, "used_bytes": 0}
+
+    def validate(self, ids, params):
+        pass
+
+    def add_request(self, rid, ids, params):
+        self.rid, self.left = rid, 3
+
+    def has_work(self):
+        return self.left > 0
+
+    def step(self):
+        time.sleep(0.002)
+        self.left -= 1
+        return [Out(self.rid, [7], "x", self.left == 0, "length" if self.left == 0 else None, None, 1, 3 - self.left)]
+
+    def abort(self, rid):
+        self.left = 0
+
+
+def listen(caplog, name):
+    """Ray may set its loggers not to propagate: hand the records to caplog directly (once)."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.addHandler(caplog.handler)
+    logger.propagate, logger.was_propagating = False, logger.propagate
+    return logger
+
+
+def unlisten(caplog, logger):
+    logger.removeHandler(caplog.handler)
+    logger.propagate = logger.was_propagating
+
+
+def test_loop_streams_outputs_and_logs_its_timing(caplog):
+    logger = listen(caplog, "ray.serve.retroinfer")
+    loop = EngineLoop(FakeEngine(), log_interval_s=0.0)
+    try:
+        async def run():
+            q = loop.submit("r1", [1, 2], SamplingParams(max_tokens=3), 100)
+            outs = []
+            while not outs or not outs[-1]["finished"]:
+                outs.append(await asyncio.wait_for(q.get(), 5))
+            return outs
+        outs = asyncio.run(run())
+    finally:
+        loop.shutdown()
+        unlisten(caplog, logger)
+    assert [o["completion_tokens"] for o in outs] == [1, 2, 3] and outs[-1]["finish_reason"] == "length"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine loop:")]
+    assert lines, "no timing line"
+    steps = sum(int(line.split()[2]) for line in lines)
+    assert steps == 3
+    ms = float(lines[0].split(", ")[1].split()[0])
+    assert ms >= 2.0                                 # the 2 ms sleeps of step() are counted in it
+
+
+def test_replica_warm_up_leaves_the_engine_empty(caplog):
+    """The replica's warm-up request (before it takes traffic) runs to the end and frees its KV."""
+    from cluster.replica import LLMReplica, ReplicaOptions
+    from retroinfer.config import EngineConfig
+    logger = listen(caplog, "ray.serve")
+    cfg = EngineConfig(model="tiny", device="cpu", kv_budget_bytes=1 << 26, prefill_chunk=128)
+    rep = LLMReplica.func_or_class(cfg, ReplicaOptions(warmup_tokens=300))   # the class under the deployment
+    try:
+        stats = rep.engine.stats()
+        assert not rep.engine.has_work() and stats["used_bytes"] == 0 and stats["running"] == 0
+        assert any("warm-up request of 300 tokens" in r.getMessage() for r in caplog.records)
+    finally:
+        rep.loop.shutdown()
+        unlisten(caplog, logger)
