@@ -247,7 +247,8 @@ def bench_kmeans(K, m, quick):
     rows = []
     default = dict(km.TUNE)
     tiles = ([(default["block_n"], default["block_k"], default["num_stages"])] if quick else
-             [(128, 64, 3), (256, 64, 3), (256, 64, 4), (256, 32, 3)])
+             [(128, 64, 3), (256, 64, 3), (256, 64, 4), (256, 32, 3), (128, 128, 3), (256, 128, 3), (128, 256, 3),
+              (128, 128, 4)])
     for S, N, Kc in [(32 if quick else 128, 8192, 512), (8, 131072, 8192)]:
         x = torch.randn(S, N, D, device="cuda", dtype=DT)
         cen = torch.nn.functional.normalize(torch.randn(S, Kc, D, device="cuda"), dim=-1).to(DT)
