@@ -17,7 +17,9 @@ methods:
 * ``row`` (rows up to ``TUNE["row_max"]`` entries): one program per row, one launch. The row's keys
   stay in registers; 32 bisection steps on the key value find the rank-r and the rank-(r+e)
   thresholds together (each step one count over the row, no histogram atomics); scans then place
-  the selected ids, ties by index.
+  the selected ids, ties by index. ``select_zones_logits`` runs it on the logits pass of
+  ``centroid_scores`` instead of finished scores: the row's softmax scores are formed in registers
+  (no probs kernel, no scores written and read back).
 * ``radix`` (longer rows, which one program would take too long over): 4 passes of 8-bit digits.
   Grid ``(S * H, splits)``, each program one contiguous chunk of its row's valid entries; the same
   kernel body runs 6 stages (launches):
