@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hbm_bandwidth, table, write_result  # noqa: E402
 
-from retroinfer.config import EngineConfig, WaveConfig  # noqa: E402
+from retroinfer.config import EngineConfig, WaveConfig, fraction_or_auto  # noqa: E402
 from retroinfer.engine.llm_engine import LLMEngine  # noqa: E402
 from retroinfer.engine.sampling import SamplingParams  # noqa: E402
 
@@ -101,7 +101,8 @@ def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / steps
     stats = engine.stats()     # before the replays add to the counters
-    wave = {k: stats[k] for k in ("pcie_bytes_per_step", "cache_hit_ratio", "cache_row_hit_ratio") if k in stats}
+    wave = {k: stats[k] for k in ("pcie_bytes_per_step", "cache_hit_ratio", "cache_row_hit_ratio", "cache_fraction",
+                                  "cache_bytes") if k in stats}
     if "pcie_bytes_per_step" in wave:
         wave["pcie_gb_per_s"] = wave["pcie_bytes_per_step"] / step_s / 1e9
     # Offload: replays of one step repeat its clusters, which then all hit the GPU cache: no measure
@@ -127,8 +128,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--offload", action="store_true", help="wave: indexed KV in pinned host memory")
     ap.add_argument("--host-kv-gb", type=float, default=None)
-    ap.add_argument("--cache-fraction", type=float, default=WaveConfig.cache_fraction,
-                    help="offload: GPU cluster cache as a share of the host pool (0: none)")
+    ap.add_argument("--cache-fraction", type=fraction_or_auto, default=WaveConfig.cache_fraction,
+                    help="offload: GPU cluster cache as a share of the host pool (0: none; auto: what the "
+                         "GPU budget leaves after the index)")
     ap.add_argument("--cache-slot-rows", type=int, default=WaveConfig.cache_slot_rows,
                     help="offload: rows of a cluster the GPU cache keeps (a multiple of 16)")
     ap.add_argument("--warmup", type=int, default=3, help="decode steps before the timed ones")

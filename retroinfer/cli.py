@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, EngineConfig, WaveConfig
+from .config import ConfigError, EngineConfig, WaveConfig, fraction_or_auto
 from .models.presets import is_preset
 
 
@@ -28,7 +28,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run the decode step eagerly")
     g = p.add_argument_group("wave index (attention=wave)")
     for f in dataclasses.fields(WaveConfig):
-        g.add_argument("--wave-" + f.name.replace("_", "-"), dest="wave_" + f.name, type=float if f.type == "float" else int,
+        g.add_argument("--wave-" + f.name.replace("_", "-"), dest="wave_" + f.name, type={"float": float, "float | str": fraction_or_auto}.get(f.type, int),
                        help=f"default {f.default}")
 
 

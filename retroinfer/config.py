@@ -112,6 +112,11 @@ def _rope_scaling(d: dict) -> dict | None:
     return dict(rs, rope_type=kind)
 
 
+def fraction_or_auto(text: str) -> float | str:
+    """A command-line cache fraction: a number, or "auto"."""
+    return "auto" if text.strip().lower() == "auto" else float(text)
+
+
 @dataclass(frozen=True)
 class WaveConfig:
     """Wave index parameters; defaults are the paper's."""
@@ -124,7 +129,8 @@ class WaveConfig:
     kmeans_iters: int = 10
     update_every: int = 1024           # decoded tokens that form one new segment
     update_clusters: int = 64          # clusters of that segment
-    cache_fraction: float = 0.05       # offload: GPU cache of retrieved clusters, share of the host pool
+    cache_fraction: float | str = 0.05   # offload: GPU cache of retrieved clusters, share of the host pool;
+                                         # "auto": the GPU budget the meta-index leaves (up to 90%)
     cache_slot_rows: int = 32          # rows of a cluster a cache slot holds (its head; the tail stays on host)
 
     def __post_init__(self):
@@ -139,7 +145,9 @@ class WaveConfig:
             (self.kmeans_iters >= 0, "kmeans_iters must be >= 0"),
             (self.update_every >= 1 and 1 <= self.update_clusters <= self.update_every,
              "update_every must be >= 1 and update_clusters in [1, update_every]"),
-            (0 <= self.cache_fraction < 1, "cache_fraction must be in [0, 1)"),
+            (self.cache_fraction == "auto" or (isinstance(self.cache_fraction, (int, float))
+                                               and 0 <= self.cache_fraction < 1),
+             "cache_fraction must be in [0, 1) or 'auto'"),
             (self.cache_slot_rows >= 16 and self.cache_slot_rows % 16 == 0,
              "cache_slot_rows must be a positive multiple of 16"),
         ]

@@ -191,3 +191,30 @@ def test_offload_metrics_sum_over_pipeline_stages():
     for k in ("retrieved_clusters", "cache_hits", "pcie_bytes_total", "host_pinned_bytes"):
         assert s[k] == sum(p[k] for p in per)
     assert s["cache_hit_ratio"] == s["cache_hits"] / s["retrieved_clusters"]
+
+
+def test_auto_cache_fills_the_gpu_budget_the_index_leaves():
+    """cache_fraction "auto": every host token keeps its meta-index on the GPU, and the cache takes
+    what the GPU budget leaves (at most 90% of the pool); a fixed fraction sizes it as asked; the
+    CLI takes "auto"."""
+    from retroinfer.attention.wave import AUTO_CACHE_MAX
+    from retroinfer.config import fraction_or_auto
+    cfg = preset_config("tiny")
+    host = 1 << 24
+    fixed = make_backend("wave", cfg, range(1), "cpu", torch.float32, 1 << 26, WaveConfig(**SMALL_WAVE), max_seqs=2,
+                         host_kv_budget_bytes=host)
+    for gpu in (1 << 22, 1 << 26):        # a tight budget: a small cache; an ample one: the cap
+        auto = make_backend("wave", cfg, range(1), "cpu", torch.float32, gpu,
+                            WaveConfig(**SMALL_WAVE, cache_fraction="auto"), max_seqs=2, host_kv_budget_bytes=host)
+        st = auto.stats()
+        assert auto.pools.tokens.capacity == fixed.pools.tokens.capacity      # the host pool is not cut
+        assert 0 < auto.cache_fraction <= AUTO_CACHE_MAX and st["cache_fraction"] == auto.cache_fraction
+        slots = int(auto.pools.tokens.capacity * auto.cache_fraction) // auto.wave.cache_slot_rows
+        assert auto.caches[0].slots == slots
+        steady = auto.bytes_per_token * auto.steady_cap * 2
+        assert st["cache_bytes"] + auto.pools.tokens.capacity * auto.bytes_per_token * auto.cluster_ratio \
+            <= gpu - steady
+    assert auto.cache_fraction == AUTO_CACHE_MAX and fixed.cache_fraction == 0.05
+    assert fraction_or_auto("Auto") == "auto" and fraction_or_auto("0.25") == 0.25
+    with pytest.raises(ConfigError):
+        WaveConfig(cache_fraction="most")

@@ -52,6 +52,9 @@ class WavePlan:
     updates: list = field(default_factory=list)   # SeqStates whose steady zone is full
 
 
+AUTO_CACHE_MAX = 0.9    # the most of the pool an "auto" GPU cache holds (1.1x its bytes: 0.99 of the pool)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -71,11 +74,19 @@ class WaveAttention(AttentionBackend):
             + 1 / wave.segment_size
         steady = WavePools.bytes_needed(cfg, len(layer_ids), dtype, max_seqs, self.steady_cap, 0, 0)
         gpu_free = kv_budget_bytes - steady
+        bpt = self.bytes_per_token
+        self.cache_fraction = 0.0
         if host_kv_budget_bytes is None:
-            tokens = int(gpu_free / (self.bytes_per_token * (1 + self.cluster_ratio)))
-        else:   # the GPU holds the meta-index and the cluster cache (cache_fraction of the tokens)
+            tokens = int(gpu_free / (bpt * (1 + self.cluster_ratio)))
+        elif wave.cache_fraction == "auto":   # the meta-index of every host token; the rest caches
             tokens = min(self._host_tokens(host_kv_budget_bytes, len(layer_ids)),
-                         int(gpu_free / (self.bytes_per_token * (self.cluster_ratio + 1.1 * wave.cache_fraction))))
+                         int(gpu_free / (bpt * self.cluster_ratio)))
+            spare = gpu_free / (bpt * max(tokens, 1)) - self.cluster_ratio
+            self.cache_fraction = max(0.0, min(AUTO_CACHE_MAX, spare / 1.1))
+        else:   # the GPU holds the meta-index and the cluster cache (cache_fraction of the tokens)
+            self.cache_fraction = float(wave.cache_fraction)
+            tokens = min(self._host_tokens(host_kv_budget_bytes, len(layer_ids)),
+                         int(gpu_free / (bpt * (self.cluster_ratio + 1.1 * self.cache_fraction))))
         if tokens < wave.update_every:
             raise ValueError(f"KV budget of {kv_budget_bytes / 2**20:.1f} MiB (GPU) / "
                              f"{(host_kv_budget_bytes or 0) / 2**20:.1f} MiB (host) leaves no room for the "
@@ -90,7 +101,7 @@ class WaveAttention(AttentionBackend):
             n = 2 * len(layer_ids)
             self.host_pinned_bytes = pinned_bytes(n, tokens * self.bytes_per_token // n)
         self.caches: dict[int, ClusterCache] = {}
-        cache_slots = int(tokens * wave.cache_fraction) // wave.cache_slot_rows
+        cache_slots = int(tokens * self.cache_fraction) // wave.cache_slot_rows
         if self.offload and cache_slots:
             self.caches = {li: ClusterCache(cfg.num_kv_heads, cache_slots, wave.cache_slot_rows, clusters,
                                             cfg.head_dim, dtype, self.device) for li in layer_ids}
@@ -333,6 +344,7 @@ class WaveAttention(AttentionBackend):
                        host_pool_bytes=p.tokens.capacity * bpt,
                        host_pinned_bytes=self.host_pinned_bytes,
                        cache_bytes=sum(c.k.numel() * 2 * c.k.element_size() for c in self.caches.values()),
+                       cache_fraction=self.cache_fraction,
                        cache_hit_ratio=hits / retrieved if retrieved else None,
                        cache_row_hit_ratio=1 - src_rows / rows if rows else None)
         return out
