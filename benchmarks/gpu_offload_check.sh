@@ -11,11 +11,13 @@ export PYTHONUNBUFFERED=1
 B="python3 benchmarks/bench_decode.py --steps 24 --synthesize"
 W="--attention wave --offload --host-kv-gb 62"
 case "${1:-sweep}" in
-  1m)   # the default 5% GPU cache (with the kernel profile), then half the pool cached
+  1m)   # the default 5% GPU cache (with the kernel profile), half the pool cached, then "auto"
     timeout 220 $B --model random:qwen2.5-7b $W --context 1048576 --batches 1 --graphs both --profile \
       --name decode_1m_qwen7b_v5 | grep -v "^{"
     timeout 150 $B --model random:qwen2.5-7b $W --context 1048576 --batches 1 --graphs on --cache-fraction 0.5 \
-      --cache-slot-rows 16 --warmup 40 --name decode_1m_qwen7b_cache50_v5 | grep -v "^{" ;;
+      --cache-slot-rows 16 --warmup 40 --name decode_1m_qwen7b_cache50_v5 | grep -v "^{"
+    timeout 200 $B --model random:qwen2.5-7b $W --context 1048576 --batches 1 --graphs on --cache-fraction auto \
+      --warmup 60 --name decode_1m_qwen7b_cacheauto_v5 | grep -v "^{" ;;
   120k)
     timeout 80 $B --attention full --context 122880 --batches max --graphs on --name decode_120k_full_v3 | grep -v "^{"
     timeout 140 $B $W --context 122880 --batches max --graphs on --name decode_120k_wave_v3 | grep -v "^{" ;;
