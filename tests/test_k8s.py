@@ -281,6 +281,20 @@ def test_models_volume_and_env(target):
         assert env["RETROINFER_MODEL_DIR"].startswith("/models/")
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_workers_keep_compiled_kernels_in_a_pod_volume(target):
+    """The Triton cache lives on a pod volume, so a restarted container does not recompile."""
+    svc = rayservice(target)
+    for name, group in groups(svc):
+        if name == "head":
+            continue
+        container = ray_container(group)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        (mount,) = [m for m in container["volumeMounts"] if env["TRITON_CACHE_DIR"].startswith(m["mountPath"] + "/")]
+        (volume,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+        assert "emptyDir" in volume and not mount.get("readOnly")
+
+
 def test_images_and_ray_version_match_the_package():
     tomllib = pytest.importorskip("tomllib")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
