@@ -54,7 +54,8 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
     """x: [H, *, D] centred keys, the first n rows (default all) valid. Segments of about
     `segment` rows are clustered independently (spherical k-means, max inner product against unit
     centroids). An x already holding ``segment_layout``'s padded length (zeros past n) is used in
-    place. Returns the unit centroids [H, C, D] of all segments together."""
+    place. Returns the unit centroids [H, C, D] of all segments together. Stops early once the
+    assignment repeats (every segment at a fixed point): the result is that of all `iters`."""
     from ..kernels.kmeans import kmeans_assign, kmeans_centroids, kmeans_update
 
     H, D = x.shape[0], x.shape[2]
@@ -70,9 +71,14 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
     # Initial centroids: evenly spaced rows of each segment's valid part.
     pick = (torch.arange(K, device=x.device)[None, :] * n_valid[:, None].long()) // K
     c = _normalise(xs[torch.arange(H * nseg, device=x.device)[:, None], pick].float()).to(x.dtype)
+    prev = None
     for _ in range(iters):
-        sums, counts = kmeans_update(xs, kmeans_assign(xs, c, n_valid), K)
+        idx = kmeans_assign(xs, c, n_valid)
+        if prev is not None and torch.equal(idx, prev):
+            break      # a fixed point: the remaining iterations would give these centroids again
+        sums, counts = kmeans_update(xs, idx, K)
         c = kmeans_centroids(sums, counts, c)
+        prev = idx
     return c.reshape(H, nseg * K, D)
 
 
