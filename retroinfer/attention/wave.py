@@ -52,7 +52,7 @@ class WavePlan:
     updates: list = field(default_factory=list)   # SeqStates whose steady zone is full
 
 
-AUTO_CACHE_MAX = 0.9    # the most of the pool an "auto" GPU cache holds (1.1x its bytes: 0.99 of the pool)
+AUTO_CACHE_MAX = 0.9    # the largest share of the host pool an "auto" GPU cache holds
 
 
 def _round_up(n: int, m: int) -> int:
