@@ -142,6 +142,19 @@ def _ragged_view(centroids: torch.Tensor, base: torch.Tensor, width: int) -> tor
     return centroids[:, idx].transpose(0, 1)
 
 
+def _dense_form(q, centroids, counts, base, width):
+    """(q, centroids [B, Hkv, width, D]) for the ragged form (a pool and per-row `base`): a copy
+    of each row's window on the torch path, a B-fold view of the pool for the kernel."""
+    if base is None:
+        return q, centroids
+    assert centroids.dim() == 3 and width is not None and base.shape == counts.shape
+    if not use_triton(q, centroids):
+        return q, _ragged_view(centroids, base, width)
+    assert width <= centroids.shape[1], (width, centroids.shape)
+    q = q.to(centroids.dtype)      # never promote the pool: the view is B-fold
+    return q, centroids[None].expand(q.shape[0], -1, -1, -1)[:, :, :width]
+
+
 @dataclass
 class CentroidLogits:
     """The logits pass's output: ``z [B * Hkv * G, C]`` fp32, ``scale * log2(e) * q . c`` (-inf
@@ -159,14 +172,7 @@ def centroid_logits(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tens
     """The first pass of ``centroid_scores`` (same arguments): every centroid's logit for every
     query head, and the softmax normalisers per split. ``centroid_probs`` finishes the scores;
     ``select.select_zones_logits`` finishes them inside the zone choice."""
-    if base is not None:
-        assert centroids.dim() == 3 and width is not None and base.shape == counts.shape
-        if not use_triton(q, centroids):
-            centroids = _ragged_view(centroids, base, width)
-        else:
-            assert width <= centroids.shape[1], (width, centroids.shape)
-            q = q.to(centroids.dtype)      # never promote the pool: the view below is B-fold
-            centroids = centroids[None].expand(q.shape[0], -1, -1, -1)[:, :, :width]
+    q, centroids = _dense_form(q, centroids, counts, base, width)
     B, Hkv, G, D, C = _check(q, centroids, counts)
     if not use_triton(q, centroids):   # torch: one split
         z = torch.einsum("bhgd,bhcd->bhgc", q.float(), centroids.float()).mul_(float(scale) * LOG2E)
@@ -241,9 +247,7 @@ def centroid_scores(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tens
     clusters start in it; `width` (>= max counts) is C, the width of the scores.
     """
     if not use_triton(q, centroids):
-        if base is not None:
-            assert centroids.dim() == 3 and width is not None and base.shape == counts.shape
-            centroids = _ragged_view(centroids, base, width)
+        q, centroids = _dense_form(q, centroids, counts, base, width)
         return centroid_scores_ref(q, centroids, counts, scale)
     return centroid_probs(centroid_logits(q, centroids, counts, scale, num_splits, base, width), counts)
 

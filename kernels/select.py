@@ -310,15 +310,12 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
     if rows == 0 or R + E == 0:
         return ret, est
     counts, retrieve, estimate = counts.contiguous(), retrieve.contiguous(), estimate.contiguous()
-    has_base = base is not None
-    if has_base:
-        assert base.shape == (S,) and not base.is_floating_point() and base.device == dev, (base.shape, base.dtype)
-    base = base.contiguous() if has_base else counts
+    base = _check_base(base, S, dev)
     if method is None:
         method = "row" if W <= TUNE["row_max"] else "radix"
     assert method in ("row", "radix"), method
     if method == "row":
-        _launch_row(scores, counts, retrieve, estimate, base if has_base else None, ret, est, None)
+        _launch_row(scores, counts, retrieve, estimate, base, ret, est, None)
         return ret, est
     block = TUNE["block"]
     max_blocks = max(1, cdiv(W, block))
@@ -329,13 +326,21 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
     part = torch.empty(rows, num_splits, 4, device=dev, dtype=torch.int32)
     for stage in range(6):
         _select_kernel[(rows, num_splits)](
-            scores, counts, retrieve, estimate, base, hist, part, ret, est,
+            scores, counts, retrieve, estimate, base if base is not None else counts, hist, part, ret, est,
             scores.stride(0), scores.stride(1), ret.stride(0), ret.stride(1), est.stride(0), est.stride(1),
             H, W, R, E, rows, num_splits,
-            STAGE=stage, BLOCK=block, BLOCK_SPLITS=next_pow2(max(num_splits, 2)), HAS_BASE=has_base,
+            STAGE=stage, BLOCK=block, BLOCK_SPLITS=next_pow2(max(num_splits, 2)), HAS_BASE=base is not None,
             num_warps=TUNE["num_warps"],
         )
     return ret, est
+
+
+def _check_base(base, S: int, dev) -> torch.Tensor | None:
+    """The slots' pool offsets [S] int (or None), contiguous."""
+    if base is None:
+        return None
+    assert base.shape == (S,) and not base.is_floating_point() and base.device == dev, (base.shape, base.dtype)
+    return base.contiguous()
 
 
 def _launch_row(scores, counts, retrieve, estimate, base, ret, est, logits) -> None:
@@ -369,8 +374,7 @@ def select_zones_logits(logits, counts: torch.Tensor, retrieve: torch.Tensor, es
     dev = logits.z.device
     ret = torch.empty(S, H, R, device=dev, dtype=torch.int32)
     est = torch.empty(S, H, E, device=dev, dtype=torch.int32)
-    if base is not None:
-        base = base.contiguous()
+    base = _check_base(base, S, dev)
     _launch_row(logits.z, counts.contiguous(), retrieve.contiguous(), estimate.contiguous(), base, ret, est, logits)
     return ret, est
 
