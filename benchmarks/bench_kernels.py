@@ -240,36 +240,42 @@ def bench_select(K, m, quick):
 def bench_kmeans(K, m, quick):
     """The index build's k-means at 128K tokens: one iteration over 16 segments x 8 heads (512
     clusters each: assign, update, centroids), and the global assignment of all 131072 keys per
-    head to its 8192 clusters. Assign rows sweep the tile (config ``n<block_n>/k<block_k>/s<stages>``,
-    kmeans.TUNE)."""
+    head to its 8192 clusters. Assign rows sweep the tile (config
+    ``n<block_n>/k<block_k>/w<warps>/s<stages>``, kmeans.TUNE)."""
     import retroinfer.kernels.kmeans as km
 
     rows = []
     default = dict(km.TUNE)
-    tiles = ([(default["block_n"], default["block_k"], default["num_stages"])] if quick else
-             [(128, 64, 3), (256, 64, 3), (256, 64, 4), (256, 32, 3), (128, 128, 3), (256, 128, 3), (128, 256, 3),
-              (128, 128, 4)])
+    tiles = ([(default["block_n"], default["block_k"], default["num_warps"], default["num_stages"])] if quick else
+             [(256, 32, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (128, 32, 4, 3), (256, 32, 8, 4),
+              (128, 128, 8, 3)])
     for S, N, Kc in [(32 if quick else 128, 8192, 512), (8, 131072, 8192)]:
         x = torch.randn(S, N, D, device="cuda", dtype=DT)
         cen = torch.nn.functional.normalize(torch.randn(S, Kc, D, device="cuda"), dim=-1).to(DT)
-        ref = K.kmeans_assign(x, cen)
+        ref = K.kmeans_assign_ref(x, cen)
         cfg = f"S={S} N={N} K={Kc}"
         flops = 2 * S * N * Kc * D
-        for bn, bk, st in tiles:
-            km.TUNE.update(block_n=bn, block_k=bk, num_stages=st)
+        for bn, bk, w, st in tiles:
+            km.TUNE.update(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+            name = f"{cfg} n{bn}/k{bk}/w{w}/s{st}"
             try:
-                row = {"kernel": "kmeans_assign", "config": f"{cfg} n{bn}/k{bk}/s{st}", "flops": flops,
+                row = {"kernel": "kmeans_assign", "config": name, "flops": flops,
                        "bytes": x.numel() * 2, "agree": (K.kmeans_assign(x, cen) == ref).float().mean().item()}
                 rows.append(m(row, lambda: K.kmeans_assign(x, cen),
                               (lambda: K.kmeans_assign_ref(x, cen)) if Kc <= 512 else None))
             except Exception as e:  # noqa: BLE001 - a tile that does not fit is a result, not a stop
-                print(f"  kmeans_assign {cfg} n{bn}/k{bk}/s{st}: {e!r:.120}")
+                print(f"  kmeans_assign {name}: {e!r:.120}")
             finally:
                 km.TUNE.update(default)
         if Kc <= 512:
             idx = K.kmeans_assign(x, cen)
-            rows.append(m({"kernel": "kmeans_update", "config": cfg, "bytes": x.numel() * 2 + S * Kc * D * 4},
-                          lambda: K.kmeans_update(x, idx, Kc), lambda: K.kmeans_update_ref(x, idx, Kc)))
+            for br, w in [(default["update_rows"], default["update_warps"])] if quick else [(32, 4), (16, 2), (64, 4),
+                                                                                           (64, 8), (128, 8), (32, 2)]:
+                km.TUNE.update(update_rows=br, update_warps=w)
+                rows.append(m({"kernel": "kmeans_update", "config": f"{cfg} r{br}/w{w}",
+                               "bytes": x.numel() * 2 + S * Kc * D * 4},
+                              lambda: K.kmeans_update(x, idx, Kc), lambda: K.kmeans_update_ref(x, idx, Kc)))
+                km.TUNE.update(default)
             sums, counts = K.kmeans_update(x, idx, Kc)
             rows.append(m({"kernel": "kmeans_centroids", "config": cfg, "bytes": sums.numel() * 4 + cen.numel() * 2},
                           lambda: K.kmeans_centroids(sums, counts, cen), lambda: K.kmeans_centroids_ref(sums, counts, cen)))
@@ -296,9 +302,33 @@ def bench_gather(K, m, quick):
     return rows
 
 
+def bench_cluster_reorder(K, m, quick):
+    """The index build's last pass at 128K tokens: 8 heads' KV into 8192 clusters each, with the
+    clusters' mean keys and values. Config ``r<block_r>/w<warps>`` (cluster_layout.TUNE)."""
+    import importlib
+    cl = importlib.import_module("retroinfer.kernels.cluster_layout")
+    T, C = 131004, 8192
+    k, v = (torch.randn(T, HKV, D, device="cuda", dtype=DT) for _ in range(2))
+    assign = torch.randint(0, C, (HKV, T), device="cuda")
+    heads = torch.arange(HKV, device="cuda")[:, None]
+    sorted_keys, order = (assign + heads * C).view(-1).sort(stable=True)
+    offsets = (torch.searchsorted(sorted_keys, heads * C + torch.arange(C + 1, device="cuda")) - heads * T).int()
+    rows, default = [], dict(cl.TUNE)
+    for br, w in [(default["block_r"], default["num_warps"])] if quick else [(16, 2), (16, 4), (32, 4), (8, 1), (8, 2)]:
+        cl.TUNE.update(block_r=br, num_warps=w)
+        try:
+            rows.append(m({"kernel": "cluster_reorder", "config": f"T={T} C={C} r{br}/w{w}", "bytes": 4 * k.numel() * 2},
+                          lambda: K.cluster_reorder(k, v, order, offsets),
+                          lambda: K.cluster_reorder_ref(k, v, order, offsets)))
+        finally:
+            cl.TUNE.update(default)
+    return rows
+
+
 BENCHES = {"paged_decode": bench_paged_decode, "weighted_decode": bench_weighted_decode,
            "estimate_decode": bench_estimate_decode, "select": bench_select,
-           "centroid_scores": bench_centroid_scores, "kmeans": bench_kmeans, "gather": bench_gather}
+           "centroid_scores": bench_centroid_scores, "kmeans": bench_kmeans, "gather": bench_gather,
+           "cluster_reorder": bench_cluster_reorder}
 
 
 COLUMNS = ("triton_ms", "graph_ms", "torch_ms", "sdpa_ms")

@@ -220,30 +220,3 @@ def test_auto_cache_fills_the_gpu_budget_the_index_leaves():
         WaveConfig(cache_fraction="most")
 
 
-def test_kmeans_stops_at_a_fixed_point_with_the_same_result(monkeypatch):
-    """segmented_kmeans stops once the assignment repeats; the centroids equal those of running
-    every iteration, and it does stop early on clustered keys."""
-    import retroinfer.kernels.kmeans as km
-    from retroinfer.wave.index import segmented_kmeans
-    torch.manual_seed(3)
-    centres = torch.nn.functional.normalize(torch.randn(2, 12, 16), dim=-1) * 4
-    x = (centres[:, torch.randint(0, 12, (700,))] + 0.3 * torch.randn(2, 700, 16)).contiguous()
-    calls = []
-    assign = km.kmeans_assign
-    monkeypatch.setattr(km, "kmeans_assign", lambda *a, **k: calls.append(1) or assign(*a, **k))
-    early = segmented_kmeans(x, 256, 16, 25)
-    assert len(calls) < 25                        # converged before the last iteration
-    c = None
-    from retroinfer.wave.index import _normalise, segment_layout
-    nseg, seg_len = segment_layout(700, 256)
-    xs = torch.nn.functional.pad(x, (0, 0, 0, nseg * seg_len - 700)).view(2 * nseg, seg_len, 16)
-    nv = torch.full((nseg,), seg_len, dtype=torch.int32)
-    nv[-1] = 700 - (nseg - 1) * seg_len
-    nv = nv.repeat(2)
-    K = -(-seg_len // 16)
-    pick = (torch.arange(K)[None, :] * nv[:, None].long()) // K
-    c = _normalise(xs[torch.arange(2 * nseg)[:, None], pick].float()).to(x.dtype)
-    for _ in range(25):                            # every iteration, no early stop
-        sums, counts = km.kmeans_update(xs, assign(xs, c, nv), K)
-        c = km.kmeans_centroids(sums, counts, c)
-    assert torch.equal(early, c.reshape(2, nseg * K, 16))

@@ -54,9 +54,9 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
     """x: [H, *, D] centred keys, the first n rows (default all) valid. Segments of about
     `segment` rows are clustered independently (spherical k-means, max inner product against unit
     centroids). An x already holding ``segment_layout``'s padded length (zeros past n) is used in
-    place. Returns the unit centroids [H, C, D] of all segments together. Stops early once the
-    assignment repeats (every segment at a fixed point): the result is that of all `iters`."""
-    from ..kernels.kmeans import kmeans_assign, kmeans_centroids, kmeans_update
+    place. Returns the unit centroids [H, C, D] of all segments together. Each segment stops once
+    its assignment repeats (a fixed point): the result is that of all `iters`."""
+    from ..kernels.kmeans import spherical_kmeans
 
     H, D = x.shape[0], x.shape[2]
     N = x.shape[1] if n is None else n
@@ -71,49 +71,41 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
     # Initial centroids: evenly spaced rows of each segment's valid part.
     pick = (torch.arange(K, device=x.device)[None, :] * n_valid[:, None].long()) // K
     c = _normalise(xs[torch.arange(H * nseg, device=x.device)[:, None], pick].float()).to(x.dtype)
-    prev = None
-    for _ in range(iters):
-        idx = kmeans_assign(xs, c, n_valid)
-        if prev is not None and torch.equal(idx, prev):
-            break      # a fixed point: the remaining iterations would give these centroids again
-        sums, counts = kmeans_update(xs, idx, K)
-        c = kmeans_centroids(sums, counts, c)
-        prev = idx
+    c, _ = spherical_kmeans(xs, c, n_valid, iters)
     return c.reshape(H, nseg * K, D)
 
 
 def build_index(k: torch.Tensor, v: torch.Tensor, wave: WaveConfig, clusters: int | None = None,
                 segment: int | None = None) -> ClusterIndex:
     """k, v: [T, Hkv, D] keys (after RoPE) and values of the tokens to index."""
-    from ..kernels.kmeans import kmeans_assign, kmeans_update
+    from ..kernels.cluster_layout import cluster_reorder
+    from ..kernels.kmeans import kmeans_assign
 
-    kh, vh = k.transpose(0, 1), v.transpose(0, 1)              # [H, T, D] views
+    kh = k.transpose(0, 1)                                     # [H, T, D] view
     H, T, D = kh.shape
     seg = segment or wave.segment_size
     nseg, seg_len = segment_layout(T, seg)
     # Keys centred in the KV dtype (bf16 dots use the tensor cores, fp32 ones would not), written
     # straight into the segments' padded layout.
-    mean = kh.mean(dim=1, dtype=torch.float32).to(k.dtype)     # [H, D]; the one subtracted and added back
+    mean = kh.mean(dim=1, dtype=torch.float32).to(k.dtype)     # [H, D]
     centred = torch.empty(H, nseg * seg_len, D, device=k.device, dtype=k.dtype)
     torch.sub(kh, mean[:, None], out=centred[:, :T])
     centred[:, T:].zero_()
     unit = segmented_kmeans(centred, seg, wave.tokens_per_cluster, wave.kmeans_iters, clusters, n=T)
     C = unit.shape[1]
-    # Global pass: every key to its best centroid of all segments, with the clusters' sums of
-    # centred keys (a cluster's mean key is that sum over its size, plus the mean).
+    # Global pass: every key to its best centroid of all segments.
     assign = kmeans_assign(centred[:, :T], unit)                # [H, T]
-    csum, sizes = kmeans_update(centred[:, :T], assign, C)      # [H, C, D], [H, C]
-    vsum, _ = kmeans_update(vh, assign, C)
-    # Cluster-contiguous order: one row copy per key (row t of head h is row t * H + h of [T * H, D]).
-    order = assign.argsort(dim=1, stable=True)
-    flat = (order * H + torch.arange(H, device=k.device)[:, None]).flatten()
-    denom = sizes.clamp_min(1)[..., None].float()
-    offsets = torch.zeros(H, C + 1, dtype=torch.int32, device=k.device)
-    offsets[:, 1:] = sizes.cumsum(1)
+    # Cluster-contiguous order: one stable sort of all heads' (head, cluster) keys; then one pass
+    # over the KV copies each cluster's rows together and takes its mean key (the centroid kept)
+    # and mean value.
+    heads = torch.arange(H, device=k.device)[:, None]
+    sorted_keys, order = (assign.int() + (heads * C).int()).view(-1).sort(stable=True)   # order: h * T + t
+    offsets = (torch.searchsorted(sorted_keys, (heads * C + torch.arange(C + 1, device=k.device)).int(),
+                                  out_int32=True)
+               - (heads * T).int())                              # [H, C + 1]
+    lay = cluster_reorder(k, v, order, offsets)
+    sizes = offsets.diff(dim=1)
     return ClusterIndex(
-        keys=k.reshape(T * H, D).index_select(0, flat).view(H, T, D),
-        values=v.reshape(T * H, D).index_select(0, flat).view(H, T, D), offsets=offsets,
-        centroids=(csum / denom + mean[:, None].float()).to(k.dtype),   # empty clusters: the mean key, never weighed
-        value_mean=(vsum / denom).to(v.dtype),
-        log_size=torch.where(sizes > 0, sizes.float().log(), float("-inf")),
+        keys=lay.keys, values=lay.values, offsets=offsets, centroids=lay.key_means,  # empty clusters: 0, never weighed
+        value_mean=lay.value_means, log_size=torch.where(sizes > 0, sizes.float().log(), float("-inf")),
         max_cluster=int(sizes.max()))

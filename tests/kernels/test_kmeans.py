@@ -3,13 +3,14 @@ import torch
 from kernel_testutil import GPU, INTERP_DTYPES, GPU_DTYPES, gen, randn, rel_err
 
 from retroinfer.kernels import (kmeans_assign, kmeans_assign_ref, kmeans_centroids, kmeans_centroids_ref, kmeans_update,
-                               kmeans_update_ref)
+                               kmeans_update_ref, spherical_kmeans, spherical_kmeans_ref)
 
 # (S, N, K, D, n_valid or None)
 INTERP = [
     (1, 1, 1, 64, None),
     (3, 100, 40, 64, [100, 50, 0]),
     (2, 300, 70, 128, None),
+    (2, 512, 64, 64, [512, 300]),                    # whole tiles: the unmasked loads
 ]
 GPU_ONLY = [
     (128, 8192, 512, 128, None),                     # 16 segments x 8 heads, the build's size
@@ -52,13 +53,15 @@ def test_kmeans_assign_matches_ref(device, dtype, case):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
-def test_kmeans_assign_ties_pick_first(device):
-    g = gen(device, "ties")
-    c = torch.nn.functional.normalize(randn(g, 1, 3, 64), dim=-1)
-    cen = torch.cat([c, c, c], 1)                 # k and k + 3, k + 6 identical
-    x = randn(g, 1, 50, 64)
+@pytest.mark.parametrize("copies,n", [(3, 50), (32, 256)])      # partial tiles; whole tiles, ties across them
+def test_kmeans_assign_ties_pick_first(device, copies, n):
+    g = gen(device, "ties", copies)
+    # small integers: every dot is exact whatever the summation order, so copies tie exactly
+    c = torch.randint(-4, 5, (1, 3, 64), generator=g, device=device).float()
+    cen = torch.cat([c] * copies, 1)              # k and k + 3, k + 6, ... identical
+    x = torch.randint(-4, 5, (1, n, 64), generator=g, device=device).float()
     idx = kmeans_assign(x, cen)
-    assert (idx < 3).all() and torch.equal(idx, kmeans_assign_ref(x, cen) % 3)  # bmm rounds copies apart
+    assert (idx < 3).all() and torch.equal(idx, kmeans_assign_ref(x, cen))
 
 
 @pytest.mark.parametrize("device,dtype,case", params(INTERP, GPU_ONLY))
@@ -106,3 +109,28 @@ def test_kmeans_refs_naive():
             rows = x[s][idx[s] == k]
             assert int(counts[s, k]) == rows.shape[0]
             assert torch.allclose(sums[s, k], rows.sum(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+@pytest.mark.parametrize("iters", [1, 2, 12])
+def test_spherical_kmeans_stops_at_the_fixed_point_with_every_steps_result(device, iters):
+    """The device-side loop gives the centroids of running every step, reports the changes of
+    the host loop, and on clustered points each problem stops early."""
+    g = gen(device, "spherical", iters)
+    S, N, K, D = 3, 500, 12, 32
+    centres = torch.nn.functional.normalize(randn(g, S, K, D), dim=-1) * 4
+    pick = torch.randint(0, K, (S, N, 1), generator=g, device=device).expand(S, N, D)
+    x = (centres.gather(1, pick) + 0.3 * randn(g, S, N, D)).contiguous()
+    n_valid = torch.tensor([500, 450, 1], dtype=torch.int32, device=device)
+    c0 = torch.nn.functional.normalize(x[:, :: N // K][:, :K], dim=-1)
+    c, changes = spherical_kmeans(x, c0, n_valid, iters)
+    every = c0
+    for _ in range(iters):
+        every = kmeans_centroids(*kmeans_update(x, kmeans_assign(x, every, n_valid), K), every)
+    assert rel_err(c, every) < 1e-5
+    assert torch.equal(changes, spherical_kmeans_ref(x, c0, n_valid, iters)[1])
+    assert changes.shape == (iters, S) and (changes[0] == N).all()
+    if iters == 12:
+        for ch in changes.t().tolist():          # each problem: its fixed point, then nothing more
+            stop = ch.index(0, 1)
+            assert stop < iters - 1 and not any(ch[stop:])
