@@ -29,6 +29,19 @@ from .jobs import JobStore
 from .routing import replica_stats
 
 log = logging.getLogger("ray.serve")
+HEALTH_PING_S = 2.0     # how long /health waits for an engine replica to answer
+
+
+async def engine_ready(known_replicas: list, ping, timeout_s: float) -> bool:
+    """Whether an engine replica has reported its state, or answers ``ping()`` within timeout_s
+    (Serve holds a call while no replica has finished starting, so a slow answer means starting)."""
+    if known_replicas:
+        return True
+    try:
+        return bool(await asyncio.wait_for(ping(), timeout_s))
+    except Exception as e:   # noqa: BLE001 - timed out, or no replica yet: starting, not an error
+        log.debug("engine not ready: %r", e)
+        return False
 app = FastAPI(title="RetroInfer", description="Long-context LLM serving (KV cache as a vector store)")
 
 
@@ -191,7 +204,11 @@ class Ingress:
     # -- OpenAI-compatible routes ---------------------------------------------------------------
     @app.get("/health")
     async def health(self):
-        return {"status": "ok", "model": self.front.model_name}
+        """200 once an engine replica can take requests (model loaded, warm-up run), else 503: the
+        HTTP proxy and this ingress are up long before a large model is."""
+        ready = await engine_ready(self.replicas(), self.engine.ping.remote, HEALTH_PING_S)
+        body = {"status": "ok" if ready else "starting", "model": self.front.model_name}
+        return body if ready else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     async def models(self):

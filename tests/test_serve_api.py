@@ -46,7 +46,8 @@ def greedy(n, **kw):
 
 
 def test_models_health_and_capacity(client):
-    assert client.get("/health").json()["status"] == "ok"
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
     models = client.get("/v1/models").json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 4096
     reps = cluster(client)
@@ -235,3 +236,24 @@ def test_disconnect_frees_kv(client, base_url):
     wait_idle(client, 2, timeout=6)
     print(f"\nKV freed {streamed_s:.2f}s after the stream closed, {time.time() - t0:.2f}s after the timeout")
     assert streamed_s < 3 and time.time() - t0 < 3
+
+
+def test_engine_ready_waits_for_a_replica():
+    """/health's readiness: a replica that has reported, or one that answers in time; a call
+    Serve holds (no replica started yet) or one that fails means starting."""
+    import asyncio
+    from retroinfer.cluster.api import engine_ready
+
+    async def answers():
+        return True
+
+    async def held():
+        await asyncio.sleep(5)
+        return True
+
+    async def fails():
+        raise RuntimeError("no replica")
+    assert asyncio.run(engine_ready([{"replica": "a"}], held, 0.05))
+    assert asyncio.run(engine_ready([], answers, 0.05))
+    assert not asyncio.run(engine_ready([], held, 0.05))
+    assert not asyncio.run(engine_ready([], fails, 0.05))
