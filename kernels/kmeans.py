@@ -310,7 +310,7 @@ def spherical_kmeans(x: torch.Tensor, centroids: torch.Tensor, n_valid: torch.Te
     idx = torch.full((S, N), -2, device=x.device, dtype=torch.int64)    # no cluster: step 0 counts all
     # row iters is a sentinel that never reads 0: the gate of the steps that cannot be past it
     chg = torch.zeros(iters + 1, S, device=x.device, dtype=torch.int32)
-    chg[iters] = 1
+    chg[iters].fill_(1)
     sums = torch.zeros(S, K, D, device=x.device, dtype=torch.float32)
     counts = torch.zeros(S, K, device=x.device, dtype=torch.int32)
     for i in range(iters):

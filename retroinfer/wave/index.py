@@ -65,9 +65,10 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
     if x.shape[1] != nseg * seg_len or not x.is_contiguous():
         x = torch.nn.functional.pad(x[:, :N], (0, 0, 0, nseg * seg_len - N)).contiguous()
     xs = x.view(H * nseg, seg_len, D)
-    n_valid = torch.full((nseg,), seg_len, dtype=torch.int32, device=x.device)
-    n_valid[-1] = N - (nseg - 1) * seg_len
-    n_valid = n_valid.repeat(H)
+    # rows of each segment (the last one may be short), built on the device: setting one element
+    # from a Python int would copy it from host memory and synchronise the stream
+    starts = torch.arange(nseg, device=x.device, dtype=torch.int32) * seg_len
+    n_valid = (N - starts).clamp(max=seg_len).repeat(H)
     # Initial centroids: evenly spaced rows of each segment's valid part.
     pick = (torch.arange(K, device=x.device)[None, :] * n_valid[:, None].long()) // K
     c = _normalise(xs[torch.arange(H * nseg, device=x.device)[:, None], pick].float()).to(x.dtype)
