@@ -309,10 +309,7 @@ def bench_cluster_reorder(K, m, quick):
     cl = importlib.import_module("retroinfer.kernels.cluster_layout")
     T, C = 131004, 8192
     k, v = (torch.randn(T, HKV, D, device="cuda", dtype=DT) for _ in range(2))
-    assign = torch.randint(0, C, (HKV, T), device="cuda")
-    heads = torch.arange(HKV, device="cuda")[:, None]
-    sorted_keys, order = (assign + heads * C).view(-1).sort(stable=True)
-    offsets = (torch.searchsorted(sorted_keys, heads * C + torch.arange(C + 1, device="cuda")) - heads * T).int()
+    order, offsets = K.cluster_order(torch.randint(0, C, (HKV, T), device="cuda"), C)
     rows, default = [], dict(cl.TUNE)
     for br, w in [(default["block_r"], default["num_warps"])] if quick else [(16, 2), (16, 4), (32, 4), (8, 1), (8, 2)]:
         cl.TUNE.update(block_r=br, num_warps=w)

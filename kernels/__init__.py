@@ -6,7 +6,7 @@ optional: without it every function is its reference.
 """
 
 from .centroid_scores import centroid_scores, centroid_scores_ref
-from .cluster_layout import ClusterLayout, cluster_reorder, cluster_reorder_ref
+from .cluster_layout import ClusterLayout, cluster_order, cluster_reorder, cluster_reorder_ref
 from .gather import cluster_rows, cluster_rows_ref, gather_clusters, gather_clusters_ref
 from .kmeans import (kmeans_assign, kmeans_assign_ref, kmeans_centroids, kmeans_centroids_ref, kmeans_update,
                      kmeans_update_ref, spherical_kmeans, spherical_kmeans_ref)
@@ -20,7 +20,7 @@ from .weighted_decode import (estimate_decode, estimate_decode_ref, merge_states
 
 __all__ = [
     "centroid_scores", "centroid_scores_ref",
-    "ClusterLayout", "cluster_reorder", "cluster_reorder_ref",
+    "ClusterLayout", "cluster_order", "cluster_reorder", "cluster_reorder_ref",
     "cluster_rows", "cluster_rows_ref", "gather_clusters", "gather_clusters_ref",
     "kmeans_assign", "kmeans_assign_ref", "kmeans_centroids", "kmeans_centroids_ref", "kmeans_update",
     "kmeans_update_ref", "spherical_kmeans", "spherical_kmeans_ref",

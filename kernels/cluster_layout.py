@@ -1,5 +1,6 @@
 """The wave index's cluster-contiguous KV and per-cluster means, in one pass over the KV.
 
+    cluster_order(assign, C) -> (order, offsets)          the layout, from each head's cluster ids
     cluster_reorder(k, v, order, offsets) -> ClusterLayout(keys, values, key_means, value_means)
 
 ``k``, ``v``: [T, H, D], token-major as the model writes them (any strides, last dim contiguous).
@@ -68,6 +69,17 @@ def _cluster_reorder_kernel(
     tl.store(vm_ptr + at, (vsum * inv).to(vm_ptr.dtype.element_ty), mask=dmask)
 
 
+def cluster_order(assign: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout ``cluster_reorder`` takes, from each head's cluster ids ``assign`` [H, T] (in
+    [0, clusters)): order [H * T] int64, the positions ``h * T + t`` stably sorted by (head,
+    cluster), and offsets [H, clusters + 1] int32. One sort of int32 keys for all heads together."""
+    H, T = assign.shape
+    heads = torch.arange(H, device=assign.device, dtype=torch.int32)[:, None]
+    sorted_keys, order = (assign.int() + heads * clusters).view(-1).sort(stable=True)
+    bounds = heads * clusters + torch.arange(clusters + 1, device=assign.device, dtype=torch.int32)
+    return order, torch.searchsorted(sorted_keys, bounds, out_int32=True) - heads * T
+
+
 def _check(k, v, order, offsets):
     assert k.dim() == 3 and v.shape == k.shape, (k.shape, v.shape)
     assert k.dtype in FLOAT_DTYPES and v.dtype == k.dtype
@@ -117,4 +129,4 @@ def cluster_reorder(k: torch.Tensor, v: torch.Tensor, order: torch.Tensor,
     return out
 
 
-__all__ = ["ClusterLayout", "cluster_reorder", "cluster_reorder_ref"]
+__all__ = ["ClusterLayout", "cluster_order", "cluster_reorder", "cluster_reorder_ref"]

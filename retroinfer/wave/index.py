@@ -79,7 +79,7 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
 def build_index(k: torch.Tensor, v: torch.Tensor, wave: WaveConfig, clusters: int | None = None,
                 segment: int | None = None) -> ClusterIndex:
     """k, v: [T, Hkv, D] keys (after RoPE) and values of the tokens to index."""
-    from ..kernels.cluster_layout import cluster_reorder
+    from ..kernels.cluster_layout import cluster_order, cluster_reorder
     from ..kernels.kmeans import kmeans_assign
 
     kh = k.transpose(0, 1)                                     # [H, T, D] view
@@ -96,14 +96,9 @@ def build_index(k: torch.Tensor, v: torch.Tensor, wave: WaveConfig, clusters: in
     C = unit.shape[1]
     # Global pass: every key to its best centroid of all segments.
     assign = kmeans_assign(centred[:, :T], unit)                # [H, T]
-    # Cluster-contiguous order: one stable sort of all heads' (head, cluster) keys; then one pass
-    # over the KV copies each cluster's rows together and takes its mean key (the centroid kept)
-    # and mean value.
-    heads = torch.arange(H, device=k.device)[:, None]
-    sorted_keys, order = (assign.int() + (heads * C).int()).view(-1).sort(stable=True)   # order: h * T + t
-    offsets = (torch.searchsorted(sorted_keys, (heads * C + torch.arange(C + 1, device=k.device)).int(),
-                                  out_int32=True)
-               - (heads * T).int())                              # [H, C + 1]
+    # Cluster-contiguous order (one stable sort for all heads); then one pass over the KV copies
+    # each cluster's rows together and takes its mean key (the centroid kept) and mean value.
+    order, offsets = cluster_order(assign, C)                   # [H * T], [H, C + 1]
     lay = cluster_reorder(k, v, order, offsets)
     sizes = offsets.diff(dim=1)
     return ClusterIndex(

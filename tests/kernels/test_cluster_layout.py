@@ -2,7 +2,7 @@ import pytest
 import torch
 from kernel_testutil import GPU, INTERP_DTYPES, GPU_DTYPES, gen, randn, rel_err
 
-from retroinfer.kernels import cluster_reorder, cluster_reorder_ref
+from retroinfer.kernels import cluster_order, cluster_reorder, cluster_reorder_ref
 
 # (T, H, D, C): clusters per head; sizes drawn at random, some empty, some longer than a row tile
 INTERP = [(1, 1, 64, 1), (37, 2, 64, 5), (300, 3, 128, 40)]
@@ -20,14 +20,10 @@ def params():
 
 
 def layout(g, T, H, C, device):
-    """A random assignment of each head's tokens to C clusters, sorted the way build_index sorts it."""
+    """A random assignment of each head's tokens to C clusters, in the layout build_index makes."""
     assign = torch.randint(0, C, (H, T), generator=g, device=device)
     assign[:, : min(T, 3)] = 0                                    # one cluster of several rows at least
-    keys = (assign + torch.arange(H, device=device)[:, None] * C).view(-1)
-    sorted_keys, order = keys.sort(stable=True)
-    bounds = torch.arange(H, device=device)[:, None] * C + torch.arange(C + 1, device=device)
-    offsets = torch.searchsorted(sorted_keys, bounds) - torch.arange(H, device=device)[:, None] * T
-    return assign, order, offsets.int()
+    return (assign, *cluster_order(assign, C))
 
 
 @pytest.mark.parametrize("device,dtype,case", params())
