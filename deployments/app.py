@@ -50,7 +50,17 @@ class AppArgs(BaseModel):
     default_max_tokens: int = Field(256, ge=1)
     job_ttl_s: float = Field(3600.0, gt=0)
     ingress_num_cpus: float = Field(0.25, ge=0)
-    warmup_tokens: int = Field(2048, ge=0)   # a synthetic request per replica before it serves (0: none)
+    # synthetic requests a replica runs before it serves, one per length (0 or []: none); a length
+    # the service expects compiles that length's kernel variants before the first user needs them
+    warmup_tokens: tuple[int, ...] = (2048,)
+
+    @field_validator("warmup_tokens", mode="before")
+    @classmethod
+    def _warmup(cls, v):     # one length or a list of them
+        lengths = (v,) if isinstance(v, int) else tuple(v)
+        if any(n < 0 for n in lengths):
+            raise ValueError(f"warmup_tokens must be >= 0, got {v}")
+        return tuple(n for n in lengths if n)
 
     @field_validator("model")
     @classmethod

@@ -87,16 +87,22 @@ def test_loop_streams_outputs_and_logs_its_timing(caplog):
 
 
 def test_replica_warm_up_leaves_the_engine_empty(caplog):
-    """The replica's warm-up request (before it takes traffic) runs to the end and frees its KV."""
+    """The replica's warm-up requests (before it takes traffic) run to the end and free their KV;
+    one the replica cannot hold fails with a warning, not a failed start."""
     from cluster.replica import LLMReplica, ReplicaOptions
     from retroinfer.config import EngineConfig
     logger = listen(caplog, "ray.serve")
-    cfg = EngineConfig(model="tiny", device="cpu", kv_budget_bytes=1 << 26, prefill_chunk=128)
-    rep = LLMReplica.func_or_class(cfg, ReplicaOptions(warmup_tokens=300))   # the class under the deployment
+    cfg = EngineConfig(model="tiny", device="cpu", kv_budget_bytes=1 << 22, prefill_chunk=128)
+    # the class under the deployment; 3000 tokens need more KV than 4 MiB
+    rep = LLMReplica.func_or_class(cfg, ReplicaOptions(warmup_tokens=(300, 3000, 100)))
     try:
         stats = rep.engine.stats()
         assert not rep.engine.has_work() and stats["used_bytes"] == 0 and stats["running"] == 0
-        assert any("warm-up request of 300 tokens" in r.getMessage() for r in caplog.records)
+        said = [r.getMessage() for r in caplog.records]
+        assert any("warm-up request of 300 tokens in" in m for m in said)
+        assert any("warm-up request of 3000 tokens failed" in m for m in said)
+        assert not any("warm-up request of 3000 tokens in" in m for m in said)
+        assert any("warm-up request of 100 tokens in" in m for m in said)
     finally:
         rep.loop.shutdown()
         unlisten(caplog, logger)

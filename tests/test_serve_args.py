@@ -35,6 +35,14 @@ def test_unknown_keys_and_bad_values_are_rejected():
     with pytest.raises(ValueError, match="unknown wave option"):
         AppArgs.model_validate({"model": "tiny", "wave": {"windw": 32}})
     assert AppArgs.model_validate({"wave": {"window": 32}}).wave_config().window == 32
+    with pytest.raises(ValueError, match="warmup_tokens must be >= 0"):
+        AppArgs.model_validate({"model": "tiny", "warmup_tokens": [2048, -1]})
+
+
+def test_warmup_tokens_is_a_length_or_a_list():
+    assert AppArgs.model_validate({"model": "tiny"}).warmup_tokens == (2048,)
+    assert AppArgs.model_validate({"model": "tiny", "warmup_tokens": 0}).warmup_tokens == ()
+    assert AppArgs.model_validate({"model": "tiny", "warmup_tokens": [2048, 32768]}).warmup_tokens == (2048, 32768)
 
 
 def test_qwen72b_is_one_four_stage_replica_per_numa_node(monkeypatch):
