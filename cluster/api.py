@@ -42,6 +42,8 @@ async def engine_ready(known_replicas: list, ping, timeout_s: float) -> bool:
     except Exception as e:   # noqa: BLE001 - timed out, or no replica yet: starting, not an error
         log.debug("engine not ready: %r", e)
         return False
+
+
 app = FastAPI(title="RetroInfer", description="Long-context LLM serving (KV cache as a vector store)")
 
 

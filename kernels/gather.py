@@ -388,5 +388,5 @@ def gather_clusters_cached(src_k: torch.Tensor, src_v: torch.Tensor, offsets: to
     return lengths.view(B, Hkv), host.view(B, Hkv)
 
 
-__all__ = ["cluster_rows", "cluster_rows_ref", "gather_clusters", "gather_clusters_batched", "gather_clusters_cached", "gather_clusters_cached_ref",
-           "gather_clusters_ref"]
+__all__ = ["cluster_rows", "cluster_rows_ref", "gather_clusters", "gather_clusters_batched", "gather_clusters_cached",
+           "gather_clusters_cached_ref", "gather_clusters_ref"]

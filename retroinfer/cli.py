@@ -11,6 +11,9 @@ from .config import ConfigError, EngineConfig, WaveConfig, fraction_or_auto
 from .models.presets import is_preset
 
 
+_WAVE_ARG_TYPES = {"float": float, "float | str": fraction_or_auto}   # WaveConfig's annotations (strings)
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="Hugging Face model directory, or 'tiny' (default)")
     p.add_argument("--attention", default="full", choices=["full", "wave"])
@@ -28,8 +31,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run the decode step eagerly")
     g = p.add_argument_group("wave index (attention=wave)")
     for f in dataclasses.fields(WaveConfig):
-        g.add_argument("--wave-" + f.name.replace("_", "-"), dest="wave_" + f.name, type={"float": float, "float | str": fraction_or_auto}.get(f.type, int),
-                       help=f"default {f.default}")
+        g.add_argument("--wave-" + f.name.replace("_", "-"), dest="wave_" + f.name,
+                       type=_WAVE_ARG_TYPES.get(f.type, int), help=f"default {f.default}")
 
 
 def engine_config(a: argparse.Namespace) -> EngineConfig:
