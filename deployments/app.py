@@ -8,6 +8,7 @@ replica). `RETROINFER_MODEL_DIR`, when set, overrides `model`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -16,14 +17,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from retroinfer.config import ConfigError, EngineConfig, WaveConfig
-from retroinfer.models.presets import is_preset
+from retroinfer.models.catalog import display_name, resolve_model
+
+logger = logging.getLogger("ray.serve")
 
 
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "tiny"                     # HF model directory, "tiny" or "random:<arch>"
-    served_model_name: str | None = None    # default: the directory's name
+    model: str = "tiny"                     # HF directory, GGUF file, catalog name, "tiny" or "random:<arch>"
+    served_model_name: str | None = None    # default: the catalog name, GGUF stem or directory name
     attention: Literal["full", "wave"] = "full"
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
     device: Literal["cpu", "cuda"] | None = None   # default: cuda if the cluster has GPUs
@@ -66,10 +69,14 @@ class AppArgs(BaseModel):
     @classmethod
     def _model(cls, v: str) -> str:
         v = os.environ.get("RETROINFER_MODEL_DIR") or v
-        if not is_preset(v) and not (Path(v) / "config.json").is_file():
-            raise ValueError(f"model {v!r} is neither a preset (tiny, random:<arch>) nor a Hugging Face "
-                             "directory with a config.json")
+        try:
+            resolve_model(v, log=logger.info)   # pulls / converts once, so replicas start from files
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return v
+
+    def model_dir(self) -> str:
+        return resolve_model(self.model)
 
     @model_validator(mode="after")
     def _wave(self):
@@ -105,7 +112,7 @@ def plan_replica(a: AppArgs, resources: dict) -> tuple[EngineConfig, dict, dict]
     offload = a.offload if a.offload is not None else (a.attention == "wave" and device == "cuda")
     pool = int(a.kv_pool_gb * 2**30 / stages) if a.kv_pool_gb else None      # per stage
     gpu_kv = int(a.gpu_kv_gb * 2**30) if a.gpu_kv_gb else None
-    cfg = EngineConfig(model=a.model, attention=a.attention, dtype=a.dtype, device=device, devices=devices,
+    cfg = EngineConfig(model=a.model_dir(), attention=a.attention, dtype=a.dtype, device=device, devices=devices,
                        max_batch=a.max_batch, max_model_len=a.max_model_len, offload=offload,
                        kv_budget_bytes=gpu_kv if offload else pool, host_kv_budget_bytes=pool if offload else None,
                        prefill_chunk=a.prefill_chunk or EngineConfig.prefill_chunk,
@@ -148,14 +155,14 @@ def build_app(args: dict | None = None):
     from retroinfer.cluster.router import KVCapacityRouter
 
     a = AppArgs.model_validate(args or {})
-    name = a.served_model_name or Path(a.model).name
+    name = a.served_model_name or display_name(a.model)
     cfg, opts, serve_opts = plan_replica(a, _cluster_resources())
     router = RequestRouterConfig(request_router_class=KVCapacityRouter,
                                  request_routing_stats_period_s=a.routing_stats_period_s,
                                  request_routing_stats_timeout_s=max(5.0, 10 * a.routing_stats_period_s))
     engine = LLMReplica.options(request_router_config=router, **serve_opts).bind(
         cfg, ReplicaOptions(**opts, model_name=name))
-    ingress = {"model": a.model, "served_model_name": name, "dtype": a.dtype, "max_model_len": a.max_model_len,
+    ingress = {"model": a.model_dir(), "served_model_name": name, "dtype": a.dtype, "max_model_len": a.max_model_len,
                "default_max_tokens": a.default_max_tokens, "retry_after_s": a.retry_after_s,
                "job_ttl_s": a.job_ttl_s, "engine_deployment": "LLMReplica"}
     return serve.deployment(Ingress, name="Ingress").options(

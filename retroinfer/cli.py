@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, EngineConfig, WaveConfig, fraction_or_auto
-from .models.presets import is_preset
+from .models.catalog import resolve_model
 
 
 _WAVE_ARG_TYPES = {"float": float, "float | str": fraction_or_auto}   # WaveConfig's annotations (strings)
@@ -72,8 +72,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                             top_p=a.top_p, seed=a.seed, stop=a.stop or [],
                             stop_token_ids=a.stop_token_id or [], ignore_eos=a.ignore_eos)
     cfg = engine_config(a)
-    if not is_preset(cfg.model) and not Path(cfg.model).is_dir():
-        raise ConfigError(f"--model {cfg.model}: no such directory (or use 'tiny' / 'random:<arch>')")
+    cfg = cfg.with_overrides(model=resolve_model(cfg.model, log=lambda m: print(m, file=sys.stderr)))
     engine = LLMEngine(cfg)
     tok = engine.tokenizer
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}]) if a.chat else tok.encode(prompt)

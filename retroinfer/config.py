@@ -80,9 +80,13 @@ class ModelConfig:
         if not p.is_file():
             raise ConfigError(f"{path}: no config.json (expected a Hugging Face model directory)")
         try:
-            return cls.from_hf_dict(json.loads(p.read_text()))
+            d = json.loads(p.read_text())
+            gen = Path(path) / "generation_config.json"
+            if gen.is_file():   # official Instruct checkpoints list their turn-end tokens only here
+                d["eos_token_id"] = _merge_ids(d.get("eos_token_id"), json.loads(gen.read_text()).get("eos_token_id"))
+            return cls.from_hf_dict(d)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: malformed JSON ({e.msg} at line {e.lineno})") from None
+            raise ConfigError(f"{p.parent}: malformed JSON ({e.msg} at line {e.lineno})") from None
 
     @property
     def group_size(self) -> int:
@@ -100,6 +104,15 @@ class ModelConfig:
         per_layer = attn + 3 * h * i + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return (self.num_layers * per_layer + emb + h) * elem
+
+
+def _merge_ids(*values) -> list[int]:
+    ids: list[int] = []
+    for v in values:
+        for i in (v if isinstance(v, list) else [v]):
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
 
 
 def _rope_scaling(d: dict) -> dict | None:

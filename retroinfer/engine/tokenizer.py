@@ -2,6 +2,7 @@
 preset, a byte tokenizer that needs no files."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..config import ConfigError
@@ -45,6 +46,12 @@ class HFTokenizer:
             self.tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         except Exception as e:   # transformers raises many kinds; the user needs one line
             raise ConfigError(f"{model_dir}: cannot load tokenizer ({type(e).__name__}: {e})") from None
+        plain = Path(model_dir) / "tokenizer.json"
+        if plain.is_file() and not self.tok.encode("hello world", add_special_tokens=False):
+            # a tokenizer.json that is not the class AutoTokenizer guessed (a word-level one in a
+            # Qwen2 directory encodes to nothing through Qwen2Tokenizer): read the file as it is
+            from transformers import PreTrainedTokenizerFast
+            self.tok = PreTrainedTokenizerFast(tokenizer_file=str(plain), **_special_tokens(model_dir))
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -61,6 +68,13 @@ class HFTokenizer:
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
         out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def _special_tokens(model_dir) -> dict:
+    p = Path(model_dir) / "tokenizer_config.json"
+    cfg = json.loads(p.read_text()) if p.is_file() else {}
+    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template")
+    return {k: cfg[k] for k in keys if isinstance(cfg.get(k), str)}
 
 
 def load_tokenizer(model: str):
