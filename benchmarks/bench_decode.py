@@ -11,6 +11,7 @@ step's graphs replayed back to back and `host_ms` = step_ms - replay_ms the host
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from common import hbm_bandwidth, table, write_result  # noqa: E402
 from retroinfer.config import EngineConfig, WaveConfig, fraction_or_auto  # noqa: E402
 from retroinfer.engine.llm_engine import LLMEngine  # noqa: E402
 from retroinfer.engine.sampling import SamplingParams  # noqa: E402
+from retroinfer.models.catalog import resolve_model  # noqa: E402
 
 
 def clustered_kv(layer: int, T: int, H: int, D: int, seed: int):
@@ -67,8 +69,20 @@ def profile_steps(engine: LLMEngine, steps: int = 5, top: int = 25) -> None:
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=top), flush=True)
 
 
+def stdlib_text_ids(engine: LLMEngine, tokens: int) -> list[int]:
+    """Real text for real queries: the Python standard library's own source, read offline, as
+    many tokens as asked (the files in a fixed order)."""
+    ids: list[int] = []
+    for f in sorted(Path(os.__file__).parent.glob("*.py")):
+        ids += engine.tokenizer.encode(f.read_text(errors="replace"))
+        if len(ids) >= tokens:
+            return ids[:tokens]
+    raise SystemExit(f"the standard library holds fewer than {tokens} tokens of text")
+
+
 def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int,
-              synthesize: bool = False, profile: bool = False, warmup: int = 3) -> dict:
+              synthesize: bool = False, profile: bool = False, warmup: int = 3,
+              text: list[int] | None = None) -> dict:
     g = torch.Generator().manual_seed(seed)
     mc = engine.model_cfg
     params = SamplingParams(max_tokens=warmup + steps + 16, temperature=0, ignore_eos=True)
@@ -84,7 +98,11 @@ def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int
             engine.add_prefilled(f"b{batch}-{i}", context, params, lambda layer, T, i=i: clustered_kv(
                 layer, T, mc.num_kv_heads, mc.head_dim, seed * 100 + i))
         else:
-            ids = torch.randint(0, mc.vocab_size, (context,), generator=g).tolist()
+            if text is not None:   # each sequence its own stretch of real text
+                start = (i * len(text) // max(batch, 1)) % max(1, len(text) - context)
+                ids = text[start:start + context]
+            else:
+                ids = torch.randint(0, mc.vocab_size, (context,), generator=g).tolist()
             engine.add_request(f"b{batch}-{i}", ids, params)
             engine.step()                      # the prefill of this sequence (+ its first token)
         torch.cuda.synchronize()
@@ -134,6 +152,9 @@ def main() -> None:
     ap.add_argument("--cache-slot-rows", type=int, default=WaveConfig.cache_slot_rows,
                     help="offload: rows of a cluster the GPU cache keeps (a multiple of 16)")
     ap.add_argument("--warmup", type=int, default=3, help="decode steps before the timed ones")
+    ap.add_argument("--text", action="store_true",
+                    help="prompts of real text (the Python standard library's source) instead of random ids: "
+                         "real queries for a real model (a .gguf, catalog name or HF directory)")
     ap.add_argument("--synthesize", action="store_true",
                     help="write synthetic clustered prompt KV straight into the cache instead of prefilling")
     ap.add_argument("--graphs", default="both", choices=["on", "off", "both"],
@@ -147,7 +168,7 @@ def main() -> None:
     batches = [0 if b == "max" else int(b) for b in a.batches.split(",")]   # 0: the largest that fits
     contexts = [int(c) for c in a.context.split(",")]
     bw = hbm_bandwidth()
-    cfg = EngineConfig(model=a.model, attention=a.attention, dtype=a.dtype, device="cuda",
+    cfg = EngineConfig(model=resolve_model(a.model), attention=a.attention, dtype=a.dtype, device="cuda",
                        max_batch=max(batches) or 16, max_model_len=max(contexts) + a.warmup + a.steps + 64,
                        prefill_chunk=8192, prefill_slice_s=None,
                        wave=WaveConfig(cache_fraction=a.cache_fraction, cache_slot_rows=a.cache_slot_rows),
@@ -160,6 +181,7 @@ def main() -> None:
     weight_bytes = mc.weight_bytes(torch.bfloat16)
     capacity = engine.stats()["capacity_bytes"]
     graph_runners = {st: st.graphs for st in engine.executor.stages}
+    text = stdlib_text_ids(engine, 2 * max(contexts)) if a.text else None
     rows = []
     per_token = engine.kv_bytes_for(1)
     for bi, (want, b) in enumerate((c, b) for c in contexts for b in batches):
@@ -174,7 +196,7 @@ def main() -> None:
         for graphs in modes:
             for st in engine.executor.stages:
                 st.graphs = graph_runners[st] if graphs else None
-            r = run_batch(engine, b, context, a.steps, seed=b, synthesize=a.synthesize, warmup=a.warmup,
+            r = run_batch(engine, b, context, a.steps, seed=b, synthesize=a.synthesize, warmup=a.warmup, text=text,
                           profile=a.profile and bi == len(batches) * len(contexts) - 1 and graphs == modes[0])
             kv_read = b * (context + a.steps // 2) * per_token
             roof_ms = (weight_bytes + kv_read) / bw * 1e3 if a.attention == "full" else None
@@ -188,6 +210,7 @@ def main() -> None:
                  "cache_row_hit_ratio"])
     write_result(a.name or f"decode_{a.attention}", {
         "model": a.model, "attention": a.attention, "offload": a.offload, "synthesized_kv": a.synthesize,
+        "prompts": "stdlib text" if a.text else ("synthesized KV" if a.synthesize else "random ids"),
         "cache_fraction": a.cache_fraction if a.offload else None,
         "cache_slot_rows": a.cache_slot_rows if a.offload else None, "warmup_steps": a.warmup,
         "dtype": a.dtype, "hbm_bytes_per_s": bw,
