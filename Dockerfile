@@ -1,15 +1,17 @@
 # syntax=docker/dockerfile:1
-# RetroInfer serving image: Ray Serve + the engine, CUDA 12.8, Python 3.12.
-#   docker build -t ghcr.io/retroinfer/retroinfer:0.1.0 .
+# RetroInfer serving image: Ray Serve + the engine, torch 2.11 on CUDA 13.0 (what the GPU test
+# machines and benchmarks/results ran), Python 3.12.
+#   docker build -t <your-registry>/retroinfer:0.1.0 .
 # Used by k8s/ (KubeRay RayService and RayJob). KubeRay starts Ray itself: it replaces the command
 # with `/bin/bash -lc -- "ulimit ...; ray start ... --block"`, so this image has no CMD or
 # ENTRYPOINT of its own. Outside Kubernetes:
 #   docker run --gpus all --shm-size 20g -v /models:/models -p 8000:8000 IMAGE \
 #     bash -lc "serve run deployments/qwen7b.yaml"
-FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+FROM nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04
 
-# torch's default PyPI wheel of this version is built for CUDA 12.8, like the base image's nvcc.
-ARG TORCH_VERSION=2.8.0
+# torch from PyTorch's CUDA 13.0 wheel index (TORCH_INDEX), like the base image's nvcc.
+ARG TORCH_VERSION=2.11.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
 # Parallel compile jobs if flash-attn has no prebuilt wheel for this torch/CUDA/Python.
 ARG MAX_JOBS=8
 
@@ -41,7 +43,7 @@ RUN echo "export PATH=/opt/venv/bin:/usr/local/cuda/bin:\$PATH" > /etc/profile.d
     && python3 -m venv /opt/venv \
     && pip install --no-cache-dir --upgrade pip==26.3 setuptools==84.2.1 wheel==0.48.0 \
         packaging==26.4 ninja==1.13.2 psutil==7.2.2 \
-    && pip install --no-cache-dir "torch==${TORCH_VERSION}"
+    && pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/retroinfer/src
 COPY pyproject.toml README.md ./

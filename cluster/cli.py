@@ -29,7 +29,7 @@ def add_cluster_parser(sub) -> None:
     d.set_defaults(func=cmd_down)
 
     s = csub.add_parser("status", help="each node's CPU / memory / GPU binding, seen from inside a worker")
-    s.add_argument("--address", help="default: the one `cluster up` recorded, else auto")
+    s.add_argument("--address", help="a Ray address, or 'auto' (default: the one `cluster up` recorded)")
     s.add_argument("--state-file", type=Path)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
@@ -62,7 +62,9 @@ def cmd_up(a) -> int:
         return 0
     state = launcher.up(plans, host=a.host, port=a.port, state_file=a.state_file, timeout=a.timeout)
     print(f"cluster up: {len(state['nodes'])} nodes, address {state['address']}")
-    print(f"  serve run deployments/tiny.yaml   (with RAY_ADDRESS={state['address']})")
+    print("serve on it (any directory; Ctrl-C stops the app, the nodes stay):")
+    print(f"  {launcher.serve_hint(state['address'])}")
+    print("stop the nodes: retroinfer cluster down")
     return 0
 
 
@@ -76,9 +78,12 @@ def cmd_down(a) -> int:
 def cmd_status(a) -> int:
     from . import launcher
     address = a.address
-    sf = a.state_file or launcher.default_state_file()
-    if address is None and sf.exists():
-        address = json.loads(sf.read_text())["address"]
+    if address is None:
+        sf = a.state_file or launcher.default_state_file()
+        address, problem = launcher.recorded_address(sf)
+        if problem:
+            print(f"retroinfer cluster status: {problem}", file=sys.stderr)
+            return 1
     rows = launcher.status(address)
     if a.json:
         print(json.dumps(rows, indent=1))

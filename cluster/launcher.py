@@ -75,6 +75,30 @@ def auth_env() -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token"} if os.environ.get("RAY_AUTH_TOKEN") or token_file.exists() else {}
 
 
+def serve_hint(address: str, config: str = "tiny.yaml") -> str:
+    """The `serve run` command line for a cluster `up` started: its address, its auth mode (the
+    nodes use token auth when a token exists; a client without it gets InvalidAuthToken) and the
+    installed deployment YAML, so that it works from any directory."""
+    from retroinfer import deployments
+    path = Path(deployments.__file__).with_name(config)
+    rel = os.path.relpath(path)
+    shown = rel if not rel.startswith("..") else str(path)
+    envs = " ".join(f"{k}={v}" for k, v in {"RAY_ADDRESS": address, **auth_env()}.items())
+    return f"{envs} serve run {shown}"
+
+
+def recorded_address(state_file: Path) -> tuple[str | None, str | None]:
+    """(the address `up` recorded, None), or (None, why there is none to use)."""
+    if not state_file.exists():
+        return None, (f"no cluster recorded ({state_file}); start one with `retroinfer cluster up`, "
+                      "or pass --address")
+    state = json.loads(state_file.read_text())
+    if not any(_alive(n["pid"]) for n in state.get("nodes", [])):
+        return None, (f"the cluster recorded in {state_file} is not running (its nodes exited); "
+                      "`retroinfer cluster down` clears the record")
+    return state["address"], None
+
+
 def plan(topo: Topology, *, host: str | None = None, port: int = 6379, use_numactl: bool | None = None,
          temp_dir: str | None = None, object_store_fraction: float = 0.3, worker_port_base: int = 20000,
          extra_args: list[str] | None = None) -> list[NodePlan]:

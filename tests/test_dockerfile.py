@@ -56,7 +56,21 @@ def test_base_image_pinned(steps):
     for image in froms:
         assert ("@sha256:" in image) or re.search(r":[\w.\-]+$", image), f"{image}: pin a tag"
         assert not image.endswith(":latest"), image
-    assert re.search(r"cuda:12\.\d+(\.\d+)?-", froms[-1]), "a CUDA 12.x base image"
+
+
+def test_torch_and_cuda_are_what_the_benchmarks_ran(steps):
+    """The image's torch and CUDA are those of benchmarks/results (the GPU test machines), and the
+    README names the same."""
+    envs = {(e["torch"], e["cuda"]) for f in (ROOT / "benchmarks" / "results").glob("*.json")
+            if isinstance(e := json.loads(f.read_text()).get("env"), dict) and e.get("cuda")}
+    (torch_version, cuda), = envs
+    args = dict(a.split("=", 1) for word, a in steps if word == "ARG" and "=" in a)
+    assert args["TORCH_VERSION"] == torch_version.split("+")[0]
+    assert args["TORCH_INDEX"].endswith("/cu" + cuda.replace(".", ""))
+    froms = [a.split()[0] for word, a in steps if word == "FROM"]
+    assert re.search(rf"cuda:{re.escape(cuda)}(\.\d+)?-", froms[-1]), f"a CUDA {cuda} base image"
+    major_minor, major = ".".join(torch_version.split(".")[:2]), cuda.split(".")[0]
+    assert f"torch {major_minor} / CUDA {major}" in (ROOT / "README.md").read_text()
 
 
 def test_apt_get_hygiene(steps):

@@ -310,6 +310,9 @@ def test_images_and_ray_version_match_the_package():
     assert len(images) == 1
     (image,) = images
     assert re.fullmatch(r"[\w.\-/]+:[\w.\-]+", image) and not image.endswith(":latest")
+    # Nothing is published under that name: the deploy steps swap in the user's own image.
+    readme = (K8S / "README.md").read_text()
+    assert readme.count(f'sed "s#{image}#$IMAGE#"') == 2 and f"docker push {image}" not in readme
 
 
 @pytest.mark.parametrize("target", TARGETS)

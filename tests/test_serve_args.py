@@ -66,7 +66,11 @@ def test_one_gpu_replicas_share_a_numa_node_and_cpu_needs_no_numa_resource(monke
     monkeypatch.delenv("RETROINFER_MODEL_DIR")
     cfg, opts, serve_opts = plan_replica(AppArgs.model_validate(args_of("tiny.yaml")), {"CPU": 2})
     assert cfg.device == "cpu" and not cfg.offload and cfg.kv_budget_bytes == 2**28
-    assert serve_opts["placement_group_bundles"] == [{"CPU": 1.5}]          # fits a 2-core laptop
+    assert serve_opts["placement_group_bundles"] == [{"CPU": 1.0}]          # fits a 2-core laptop
+    cfg, opts, serve_opts = plan_replica(AppArgs.model_validate(args_of("tiny.yaml")),
+                                         {"CPU": 2, "numa_node": 2})       # cluster up --simulate-numa 2
+    assert serve_opts["placement_group_bundles"] == [{"CPU": 1.0, "numa_node": 1.0}]   # one node of 1 CPU
+    assert opts["num_threads"] == 1
     cfg, opts, serve_opts = plan_replica(AppArgs.model_validate({"gpus_per_replica": 2, "gpu_fraction": 0.5}),
                                          {"CPU": 16, "GPU": 1})
     assert opts["executor"] == "ray" and opts["stage_num_gpus"] == 0.5     # two stages share one GPU

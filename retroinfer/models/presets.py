@@ -19,7 +19,7 @@ def _llama(**kw) -> ModelConfig:
 PRESETS = {
     "tiny": _llama(vocab_size=TINY_VOCAB, hidden_size=256, intermediate_size=704, num_layers=4,
                    num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=500000.0,
-                   max_position_embeddings=1 << 20, dtype="float32"),
+                   max_position_embeddings=16384, dtype="float32"),   # as deployments/tiny.yaml
     "llama3-8b": _llama(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
                         num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
                         max_position_embeddings=1048576),
