@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import asdict
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,7 +25,8 @@ from ray.serve.exceptions import BackPressureError
 
 from . import protocol as P
 from .frontend import Frontend, Prepared
-from .jobs import JobStore
+from .jobs import PHASES, JobManager
+from .jobs_store import JobsStore
 from .routing import replica_stats
 
 log = logging.getLogger("ray.serve")
@@ -102,6 +103,14 @@ class EngineStream:
             self.gen.cancel()
 
 
+def job_owner(request: Request) -> str | None:
+    """Whose jobs a request may see and make (a route dependency): `request.state.owner`, the hash
+    of the caller's API key (`jobs_store.owner_of`) that authentication sets when a key is
+    configured, else None. Module-level, not a method: Serve pickles the ingress class by value,
+    and the string annotation `Request` of a method would not resolve there."""
+    return getattr(request.state, "owner", None)
+
+
 def _sse(obj) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
@@ -114,17 +123,20 @@ class Ingress:
                               opts.get("max_model_len"), opts.get("default_max_tokens", 256))
         self.retry_after_s = float(opts.get("retry_after_s", 1.0))
         self.engine_name = opts.get("engine_deployment", "LLMReplica")
-        self.jobs = JobStore(self.open_stream, opts.get("job_ttl_s", 3600.0))
         try:
             self.app_name = serve.get_replica_context().replica_id.deployment_id.app_name
         except Exception:
             self.app_name = ""
+        self.jobs = JobManager(JobsStore(opts.get("jobs_db")), self.open_stream, self.abort_engine,
+                               ttl_s=opts.get("job_ttl_s", 3600.0), max_attempts=opts.get("job_max_attempts", 3),
+                               retry_after_s=self.retry_after_s, retry_max_s=opts.get("job_retry_max_s", 30.0))
+        self.jobs.start()     # the jobs a previous ingress left queued or running
 
     # -- talking to the engine deployment ---------------------------------------------------------
     def replicas(self) -> list[dict]:
         return replica_stats(self.app_name, self.engine_name) or []
 
-    async def open_stream(self, prep: Prepared) -> tuple[EngineStream, str]:
+    async def open_stream(self, prep: Prepared, exclude: list[str] | None = None) -> tuple[EngineStream, str]:
         known = [r for r in self.replicas() if "capacity_bytes" in r]
         if known and prep.kv_bytes > max(r["capacity_bytes"] for r in known):
             cap = max(r["capacity_bytes"] for r in known)
@@ -132,7 +144,7 @@ class Ingress:
                              f"({prep.prompt_tokens} prompt + {prep.params.max_tokens} max_tokens tokens); the "
                              f"largest replica holds {cap} bytes ({cap // self.front.bytes_per_token} tokens)",
                              code="kv_capacity_exceeded")
-        exclude, last = [], None
+        exclude, last = list(exclude or []), None
         for _ in range(max(1, len(known))):
             gen = self.engine.options(stream=True).generate.remote(
                 prep.request_id, prep.prompt_ids, asdict(prep.params), kv_bytes=prep.kv_bytes, exclude=exclude)
@@ -152,6 +164,15 @@ class Ingress:
             last = head
         raise P.APIError(429, f"no replica has room for this request now: {last['message']}",
                          code="kv_cache_full", retry_after_s=last["retry_after_s"])
+
+    async def abort_engine(self, replica: str, request_id: str) -> bool:
+        """Aborts an engine request that a previous ingress left running: its caller is gone, so
+        Serve will not cancel it. -> False if the replica is gone (and the request with it)."""
+        await asyncio.wait_for(self.engine.ping.remote(), 60)   # the router knows the replicas after a call
+        if replica not in {r["replica"] for r in self.replicas()}:
+            return False
+        await asyncio.wait_for(self.engine.abort.remote(request_id, target=replica), 10)
+        return True
 
     async def _run(self, prep: Prepared, stream: bool, render):
         """render(kind, text, finish_reason, usage) -> body dict; kind: "first" | "delta" | "final"."""
@@ -247,24 +268,33 @@ class Ingress:
 
     # -- jobs ----------------------------------------------------------------------------------
     @app.post("/v1/jobs")
-    async def submit_job(self, body: P.JobRequest):
-        job = self.jobs.submit(self.front.job(body))
+    async def submit_job(self, body: P.JobRequest, owner: str | None = Depends(job_owner)):
+        job = self.jobs.submit(self.front.job(body), owner=owner)
         return JSONResponse(job.view(), status_code=202)
 
+    @app.get("/v1/jobs")
+    async def list_jobs(self, limit: int = Query(100, ge=1, le=1000), phase: str | None = None,
+                        owner: str | None = Depends(job_owner)):
+        """The caller's own jobs, newest first."""
+        if phase is not None and phase not in PHASES:
+            raise P.APIError(400, f"phase must be one of {', '.join(PHASES)}", code="invalid_request", param="phase")
+        jobs = self.jobs.list(owner, limit + 1, phase)
+        return {"object": "list", "data": [j.view() for j in jobs[:limit]], "has_more": len(jobs) > limit}
+
     @app.get("/v1/jobs/{job_id}")
-    async def get_job(self, job_id: str):
-        return self.jobs.get(job_id).view()
+    async def get_job(self, job_id: str, owner: str | None = Depends(job_owner)):
+        return self.jobs.get(job_id, owner).view()
 
     @app.delete("/v1/jobs/{job_id}")
-    async def cancel_job(self, job_id: str):
-        return (await self.jobs.cancel(job_id)).view()
+    async def cancel_job(self, job_id: str, owner: str | None = Depends(job_owner)):
+        return (await self.jobs.cancel(job_id, owner)).view()
 
     @app.get("/v1/jobs/{job_id}/events")
-    async def job_events(self, job_id: str):
-        self.jobs.get(job_id)    # 404 before the stream starts
+    async def job_events(self, job_id: str, owner: str | None = Depends(job_owner)):
+        self.jobs.get(job_id, owner)    # 404 before the stream starts
 
         async def body():
-            async for ev in self.jobs.events(job_id):
+            async for ev in self.jobs.events(job_id, owner):
                 yield f"event: {ev['type']}\n{_sse(ev)}"
             yield _sse("[DONE]")
         return StreamingResponse(body(), media_type="text/event-stream")

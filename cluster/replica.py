@@ -131,6 +131,11 @@ class LLMReplica:
             if self.metrics:
                 self.metrics.on_finish(outcome, n, ttft)
 
+    def abort(self, request_id: str, target: str | None = None) -> None:
+        """Aborts a request whose caller is gone without cancelling its call (an ingress that died
+        mid-job: its successor aborts the job's last attempt). `target` is read by the router."""
+        self.loop.abort(request_id)
+
     def record_routing_stats(self) -> dict:
         return {**self.loop.routing_stats(), "replica": self.replica_id}
 

@@ -22,6 +22,9 @@ from retroinfer.models.catalog import display_name, resolve_model
 logger = logging.getLogger("ray.serve")
 
 
+INGRESS_NODE = "retroinfer_ingress"    # a custom resource: the node the ingress (and the jobs store) lives on
+
+
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -52,6 +55,11 @@ class AppArgs(BaseModel):
     retry_after_s: float = Field(1.0, gt=0)
     default_max_tokens: int = Field(256, ge=1)
     job_ttl_s: float = Field(3600.0, gt=0)
+    # the jobs store (SQLite file) on the ingress's node; default: $RETROINFER_JOBS_DB there, else
+    # ~/.cache/retroinfer/jobs.sqlite
+    jobs_db: str | None = None
+    job_max_attempts: int = Field(3, ge=1)                 # sends of a job to engine replicas that die
+    job_retry_max_s: float = Field(30.0, gt=0)             # the longest wait between asks for KV
     ingress_num_cpus: float = Field(0.25, ge=0)
     # synthetic requests a replica runs before it serves, one per length (0 or []: none); a length
     # the service expects compiles that length's kernel variants before the first user needs them
@@ -64,6 +72,15 @@ class AppArgs(BaseModel):
         if any(n < 0 for n in lengths):
             raise ValueError(f"warmup_tokens must be >= 0, got {v}")
         return tuple(n for n in lengths if n)
+
+    @field_validator("jobs_db")
+    @classmethod
+    def _jobs_db(cls, v: str | None) -> str | None:
+        if v is None or v == ":memory:":      # ":memory:": not durable (tests)
+            return v
+        if not v.strip() or v.endswith(("/", os.sep)) or Path(v).expanduser().is_dir():
+            raise ValueError(f"jobs_db {v!r} must name a file (the SQLite jobs store), not a directory")
+        return v
 
     @field_validator("model")
     @classmethod
@@ -146,6 +163,15 @@ def plan_replica(a: AppArgs, resources: dict) -> tuple[EngineConfig, dict, dict]
     return cfg, opts, serve_opts
 
 
+def ingress_actor_options(a: AppArgs, resources: dict) -> dict:
+    """Where the ingress runs. A cluster with a node that advertises the resource `INGRESS_NODE`
+    (the KubeRay head, which mounts the jobs store's volume) pins it there, asking no CPU (that
+    node may offer none); elsewhere it goes anywhere with `ingress_num_cpus`."""
+    if resources.get(INGRESS_NODE, 0) >= 1:
+        return {"num_cpus": 0, "resources": {INGRESS_NODE: 1}}
+    return {"num_cpus": a.ingress_num_cpus}
+
+
 def build_app(args: dict | None = None):
     from ray import serve
     from ray.serve.config import RequestRouterConfig
@@ -164,7 +190,8 @@ def build_app(args: dict | None = None):
         cfg, ReplicaOptions(**opts, model_name=name))
     ingress = {"model": a.model_dir(), "served_model_name": name, "dtype": a.dtype, "max_model_len": a.max_model_len,
                "default_max_tokens": a.default_max_tokens, "retry_after_s": a.retry_after_s,
-               "job_ttl_s": a.job_ttl_s, "engine_deployment": "LLMReplica"}
+               "job_ttl_s": a.job_ttl_s, "jobs_db": a.jobs_db, "job_max_attempts": a.job_max_attempts,
+               "job_retry_max_s": a.job_retry_max_s, "engine_deployment": "LLMReplica"}
     return serve.deployment(Ingress, name="Ingress").options(
-        num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": a.ingress_num_cpus},
+        num_replicas=1, max_ongoing_requests=1024, ray_actor_options=ingress_actor_options(a, _cluster_resources()),
     ).bind(engine, ingress)

@@ -74,3 +74,17 @@ def test_one_gpu_replicas_share_a_numa_node_and_cpu_needs_no_numa_resource(monke
     cfg, opts, serve_opts = plan_replica(AppArgs.model_validate({"gpus_per_replica": 2, "gpu_fraction": 0.5}),
                                          {"CPU": 16, "GPU": 1})
     assert opts["executor"] == "ray" and opts["stage_num_gpus"] == 0.5     # two stages share one GPU
+
+
+def test_jobs_store_path_and_the_ingress_node(tmp_path):
+    from retroinfer.deployments.app import INGRESS_NODE, ingress_actor_options
+    assert AppArgs.model_validate({}).jobs_db is None       # the ingress's $RETROINFER_JOBS_DB, else ~/.cache
+    assert AppArgs.model_validate({"jobs_db": "/data/jobs.sqlite"}).jobs_db == "/data/jobs.sqlite"
+    for bad in ("", str(tmp_path), "/data/"):
+        with pytest.raises(ValueError, match="must name a file"):
+            AppArgs.model_validate({"jobs_db": bad})
+    a = AppArgs.model_validate({"ingress_num_cpus": 0.5})
+    assert ingress_actor_options(a, H100x8) == {"num_cpus": 0.5}
+    # A node that offers the ingress resource (the KubeRay head, which mounts the jobs volume) gets
+    # the ingress, even with no CPU to offer.
+    assert ingress_actor_options(a, {**H100x8, INGRESS_NODE: 1}) == {"num_cpus": 0, "resources": {INGRESS_NODE: 1}}
