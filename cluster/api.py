@@ -62,12 +62,7 @@ async def _http_error(request: Request, e: StarletteHTTPException):
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, e: RequestValidationError):
-    errs = e.errors()
-    first = errs[0] if errs else {"loc": (), "msg": "invalid request body"}
-    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-    msg = str(first.get("msg", "invalid request body")).removeprefix("Value error, ")
-    return JSONResponse(P.APIError(400, f"{loc}: {msg}" if loc else msg, code="invalid_request",
-                                   param=loc or None).body(), status_code=400)
+    return JSONResponse(P.validation_error(e.errors()).body(), status_code=400)
 
 
 @app.exception_handler(Exception)

@@ -11,6 +11,12 @@ approximately) and returns an asyncio.Queue that receives the request's messages
 
 Delivery crosses threads with `loop.call_soon_threadsafe`. `abort` is thread-safe; the engine frees
 the request's KV at its next step.
+
+A request that fails on its own account finishes with an error inside the engine (which frees its
+KV) and the others go on. An exception out of `engine.step()` is the engine's: every admitted
+request ends with an error, the loop becomes unhealthy (`healthy` False: the replica's
+`check_health` raises and Serve replaces it) and `submit` refuses new requests with a 429, so the
+ingress tries another replica.
 """
 from __future__ import annotations
 
@@ -38,20 +44,18 @@ class Rejected(Exception):
 
 
 class EngineLoop:
-    def __init__(self, engine, *, on_step=None, stats_interval_s: float = 0.25, max_step_failures: int = 3,
-                 log_interval_s: float = 30.0):
+    def __init__(self, engine, *, on_step=None, stats_interval_s: float = 0.25, log_interval_s: float = 30.0):
         self.engine = engine
         self.engine.on_prefill_progress = self._on_progress
         self.on_step = on_step                      # callback(stats) on the loop thread (metrics)
         self.stats_interval_s = stats_interval_s
-        self.max_step_failures = max_step_failures
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._footprint: dict[str, int] = {}        # admitted request -> KV bytes
         self._outstanding = 0                        # their sum
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
-        self._failures = 0
+        self.failure: str | None = None             # why the engine failed (then unhealthy)
         self.stats = self._engine_stats()
         self.capacity_bytes = int(self.stats["capacity_bytes"])
         self._stats_at = time.monotonic()
@@ -68,10 +72,13 @@ class EngineLoop:
 
     @property
     def healthy(self) -> bool:
-        return self.thread.is_alive() and self._failures < self.max_step_failures
+        return self.thread.is_alive() and self.failure is None
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, kv_bytes: int) -> asyncio.Queue:
         """Admit the request or raise `Rejected`. Must run on the event loop that reads the queue."""
+        if not self.healthy:
+            raise Rejected(429, "replica_unhealthy", f"this replica's engine failed ({self.failure or 'stopped'}) "
+                           "and is being replaced")
         if kv_bytes > self.capacity_bytes:
             raise Rejected(400, "kv_capacity_exceeded",
                            f"the request needs {kv_bytes} bytes of KV cache; a replica holds at most "
@@ -93,9 +100,10 @@ class EngineLoop:
             self._outstanding += kv_bytes
         try:
             self.engine.add_request(request_id, prompt_ids, params)
-        except ValueError as e:
+        except Exception as e:   # noqa: BLE001 - the request's own: nothing of it is kept
             self._forget(request_id)
-            raise Rejected(400, "invalid_request", str(e)) from None
+            raise Rejected(400, "invalid_request", str(e) if isinstance(e, ValueError) else
+                           f"the request could not be added: {type(e).__name__}") from None
         self._wake.set()
         return q
 
@@ -158,6 +166,15 @@ class EngineLoop:
                     log.exception("on_step callback failed")
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:   # the loop itself broke: the replica must be replaced
+            self.failure = f"engine loop stopped: {type(e).__name__}"
+            log.exception("engine loop stopped")
+            self._fail_all(f"internal error in the engine: {type(e).__name__}")
+            raise
+
+    def _loop(self) -> None:
         idle = True
         while not self._stop:
             if not self.engine.has_work():
@@ -173,15 +190,16 @@ class EngineLoop:
             idle = False
             try:
                 outputs = self.engine.step()
-                self._failures = 0
                 self._step_end = time.perf_counter()
                 self._timing[0] += 1
                 self._timing[1] += self._step_end - t0
-            except Exception as e:
-                self._failures += 1
-                log.exception("engine step failed (%d in a row)", self._failures)
+            except Exception as e:   # not a request's (the engine keeps those to the request)
+                first = self.failure is None
+                self.failure = self.failure or f"engine step failed: {type(e).__name__}"
+                if first:
+                    log.exception("engine step failed: the replica is unhealthy and will be replaced")
                 self._fail_all(f"internal error in the engine: {type(e).__name__}")
-                time.sleep(min(1.0, 0.1 * self._failures))
+                time.sleep(0.5)      # the step that frees the aborted requests' KV may fail again
                 continue
             for out in outputs:
                 self._send(out.request_id, {"type": "output", **asdict(out)}, last=out.finished)

@@ -48,7 +48,7 @@ class Frontend:
         p = body.prompt
         if isinstance(p, list) and p and isinstance(p[0], str):
             p = p[0]
-        ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        ids = self._encode(p) if isinstance(p, str) else list(p)
         return self._prepare("cmpl", ids, body, body.max_tokens or 16)   # OpenAI's default
 
     def chat(self, body: ChatCompletionRequest) -> Prepared:
@@ -61,14 +61,23 @@ class Frontend:
         if body.messages is not None:
             ids = self._chat_ids(body.messages)
         else:
-            ids = self.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+            ids = self._encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         return self._prepare("job", ids, body, body.max_tokens or self.default_max_tokens)
+
+    def _encode(self, text: str) -> list[int]:
+        """Token ids of a text prompt; text that is not valid Unicode (a lone surrogate such as
+        "\\ud800", which JSON can carry) is a 400, not a failure of the server."""
+        try:
+            return self.tokenizer.encode(text)
+        except ValueError as e:     # UnicodeEncodeError is one
+            raise APIError(400, f"the prompt cannot be encoded: {type(e).__name__}: {e}",
+                           code="invalid_prompt", param="prompt") from None
 
     def _chat_ids(self, messages) -> list[int]:
         try:
             return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages])
         except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+            raise APIError(400, str(e), code="invalid_prompt", param="messages") from None
 
     def _prepare(self, kind: str, ids: list[int], body: SamplingFields, max_tokens: int) -> Prepared:
         try:

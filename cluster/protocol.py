@@ -1,8 +1,12 @@
 """OpenAI-compatible request models (validated) and response builders, and the API error type.
 Unknown fields are ignored, as OpenAI-compatible servers do; fields whose feature is not
-implemented (n > 1, logprobs, echo, penalties, tools) are rejected with a 400 that says so."""
+implemented (n > 1, logprobs, echo, penalties, tools) are rejected with a 400 that says so.
+Sampling fields are bounded as vLLM bounds them: `seed` within int64, `top_p` in (0, 1],
+`temperature` in [0, 2] (below 1e-5 it means greedy: `SamplingParams` clamps it), no NaN or
+infinity anywhere."""
 from __future__ import annotations
 
+import functools
 import time
 from typing import Literal
 
@@ -12,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class APIError(Exception):
     """An error for the client, in OpenAI's format: {"error": {"message", "type", "code", "param"}}."""
 
-    TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+             405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
              429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
@@ -28,8 +33,49 @@ class APIError(Exception):
         return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
-                          "code": self.code, "param": self.param}}
+        return {"error": {"message": _printable(self.message), "type": self.TYPES.get(self.status, "error"),
+                          "code": self.code, "param": _printable(self.param)}}
+
+
+def _printable(s: str | None) -> str | None:
+    """Text that encodes as UTF-8 (a lone surrogate from the request, quoted back, would not)."""
+    return None if s is None else s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """A 400 from pydantic's errors for a request body: `param` is the field's path (`prompt`,
+    `messages.0.content`), without pydantic's union-member tags (`prompt.str`) or a JSON
+    decoding error's character offset."""
+    if not errors:
+        return APIError(400, "invalid request body", code="invalid_request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        where = first.get("loc", ())[-1:]
+        at = f" (at character {where[0]})" if where and isinstance(where[0], int) else ""
+        return APIError(400, f"the body is not valid JSON{at}: {first.get('ctx', {}).get('error', 'invalid')}",
+                        code="invalid_json")
+    path = _field_path(first.get("loc", ()))
+    msgs = []
+    for e in errors:     # a union's members each report: say what each would have needed
+        if _field_path(e.get("loc", ())) == path:
+            m = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+            if m not in msgs:
+                msgs.append(m)
+    msg = "; or ".join(msgs[:4])
+    return APIError(400, f"{path}: {msg}" if path else msg, code="invalid_request", param=path or None)
+
+
+def _field_path(loc) -> str:
+    """`("body", "prompt", "str")` -> "prompt"; `("body", "messages", 0, "content")` -> "messages.0.content"."""
+    if loc[:1] != ("body",):
+        return ".".join(str(x) for x in loc[1:])       # query and path parameters: no unions
+    return ".".join(str(x) for x in loc[1:] if isinstance(x, int) or x in _field_names())
+
+
+@functools.cache
+def _field_names() -> frozenset[str]:
+    return frozenset(name for model in (CompletionRequest, ChatCompletionRequest, JobRequest, ChatMessage,
+                                        ContentPart, StreamOptions) for name in model.model_fields)
 
 
 class StreamOptions(BaseModel):
@@ -37,14 +83,14 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1, description="0 or -1: off")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False

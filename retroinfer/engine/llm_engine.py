@@ -1,9 +1,16 @@
 """The engine: requests in, tokens out. Continuous batching: a prompt joins by a whole-prompt,
 layer-by-layer prefill; running sequences advance together one decode step at a time, and leave
 the batch as they finish. Thread-safe entry points: `add_request`, `abort`; `step` runs on one
-thread (the serving layer's engine loop)."""
+thread (the serving layer's engine loop).
+
+Failures are kept to the request that caused them: a request's KV is reserved only after
+everything that can fail on its own account before its prefill (its sampling generator, its
+seed); an exception in its prefill, its sampling or its detokenising finishes that request with
+an error (`finish_reason` "error") and frees its KV, and the other requests go on. An exception
+`step` raises (the batched decode itself) is the engine's, not a request's."""
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -19,6 +26,8 @@ from .executor import LocalExecutor
 from .sampling import Sampler, SamplingParams
 from .sequence import Phase, RequestOutput, Sequence
 from .tokenizer import IncrementalDetokenizer, load_tokenizer
+
+log = logging.getLogger("ray.serve.retroinfer")
 
 
 class _Aborted(Exception):
@@ -134,8 +143,27 @@ class LLMEngine:
             out.append(seq.output([], ""))
         return out
 
+    def _fail(self, seq: Sequence, e: BaseException) -> RequestOutput:
+        """Ends a request that failed on its own account (not the engine's): it finishes with an
+        error and its KV is freed; the other requests go on."""
+        log.warning("request %s failed: %s: %s", seq.request_id, type(e).__name__, e,
+                    exc_info=not isinstance(e, ValueError))
+        if self._prefill is not None and self._prefill[0] is seq:
+            self._prefill[1].close()
+            self._prefill = None
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._finish(seq, "error")
+        return seq.output([], "", error=f"the request failed: {type(e).__name__}: {str(e)[:200]}")
+
     def _start_prefill(self, seq: Sequence) -> list[RequestOutput]:
-        """Reserves the sequence's KV and starts its prefill (advanced by `_advance_prefill`)."""
+        """Reserves the sequence's KV and starts its prefill (advanced by `_advance_prefill`).
+        What can fail on the request's own account comes first, so a failure leaks no KV."""
+        try:
+            if seq.generator is None:
+                seq.generator = self.sampler.generator(seq.params.seed)
+        except Exception as e:           # noqa: BLE001 - the request's, e.g. a seed torch refuses
+            return [self._fail(seq, e)]
         try:
             self.executor.reserve(seq.request_id, seq.footprint_tokens)
         except KVCapacityError as e:
@@ -146,7 +174,13 @@ class LLMEngine:
             return [seq.output([], "", error=f"KV cache cannot hold this request: {e}")]
         self.waiting.popleft()
         seq.phase = Phase.PREFILL
-        seq.generator = self.sampler.generator(seq.params.seed)
+        try:
+            self._open_prefill(seq)
+        except Exception as e:           # noqa: BLE001
+            return [self._fail(seq, e)]
+        return []
+
+    def _open_prefill(self, seq: Sequence) -> None:
         if self.on_prefill_progress:   # layers_done 0: the prefill has started (its KV is reserved)
             self.on_prefill_progress(seq.request_id, 0, self.model_cfg.num_layers)
 
@@ -162,7 +196,6 @@ class LLMEngine:
         steps = steps_fn(seq.request_id, ids, progress) if steps_fn else \
             _no_yield(lambda: self.executor.prefill(seq.request_id, ids, progress))
         self._prefill = (seq, steps, time.perf_counter())
-        return []
 
     def _drop_prefill(self) -> RequestOutput:
         """Ends the prefill in progress as aborted and frees its KV."""
@@ -187,22 +220,36 @@ class LLMEngine:
             logits = done.value
         except _Aborted:
             return [self._drop_prefill()]
+        except Exception as e:           # noqa: BLE001 - this request's prefill
+            return [self._fail(seq, e)]
         self._prefill = None
         self.last_step = {"prefill_tokens": len(seq.prompt_ids), "prefill_s": time.perf_counter() - t0}
         seq.phase = Phase.DECODE
         self.running.append(seq)
-        tok = self.sampler(logits, [seq.params], [seq.generator])[0]
-        return [self._append(seq, tok)]
+        try:
+            tok = self.sampler(logits, [seq.params], [seq.generator])[0]
+            return [self._append(seq, tok)]
+        except Exception as e:           # noqa: BLE001
+            return [self._fail(seq, e)]
 
     def _decode(self) -> list[RequestOutput]:
         batch = list(self.running)
         ids = torch.tensor([s.output_ids[-1] for s in batch], dtype=torch.long)
         positions = torch.tensor([s.num_tokens - 1 for s in batch], dtype=torch.long)
         t0 = time.perf_counter()
-        logits = self.executor.decode([s.request_id for s in batch], ids, positions)
-        toks = self.sampler(logits, [s.params for s in batch], [s.generator for s in batch])
+        logits = self.executor.decode([s.request_id for s in batch], ids, positions)   # the engine's
+        errors: dict[int, Exception] = {}
+        toks = self.sampler(logits, [s.params for s in batch], [s.generator for s in batch], errors)
         self.last_step = {"decode_batch": len(batch), "decode_s": time.perf_counter() - t0}
-        return [self._append(s, t) for s, t in zip(batch, toks)]
+        out = []
+        for i, (s, t) in enumerate(zip(batch, toks)):
+            try:
+                if i in errors:
+                    raise errors[i]
+                out.append(self._append(s, t))
+            except Exception as e:       # noqa: BLE001 - that request's sampling or detokenising
+                out.append(self._fail(s, e))
+        return out
 
     def _append(self, seq: Sequence, tok: int) -> RequestOutput:
         p = seq.params
