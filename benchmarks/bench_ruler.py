@@ -581,8 +581,8 @@ def run_http(url: str, model: str | None, batch: list[Sample], concurrency: int 
         return model, list(pool.map(one, batch))
 
 
-def free_engine(engine) -> None:
-    del engine
+def free_memory() -> None:
+    """After `del engine`: its KV pools go before the next system's engine allocates its own."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -701,7 +701,7 @@ def main(argv=None) -> int:
         systems = ["full", "wave"] + (["wave-offload"] if a.offload else []) + ["wave-100"] + \
             (["quest"] if has_quest else [])
     notes = []
-    if not has_quest:
+    if not has_quest and not a.server:
         notes.append("quest: no Quest-style backend in the engine (retroinfer/attention has full and wave); "
                      "left out, not emulated")
         systems = [s for s in systems if s != "quest"]
@@ -755,15 +755,19 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             engine = LLMEngine(cfg)
             load_s = time.perf_counter() - t0
-            outs, wall = [], {}
+            outs, wall, stats = [], {}, {}
             for L in lengths:
                 batch = [s for s in samples if s.length == L]
                 t0 = time.perf_counter()
                 outs += run_engine(engine, batch)
                 wall[str(L)] = time.perf_counter() - t0
-                log(f"{name} @ {L}: {len(batch)} requests in {wall[str(L)]:.1f} s")
-            stats = {k: v for k, v in engine.stats().items() if isinstance(v, (int, float, str, bool))}
-            free_engine(engine)
+                # counters (offload: retrieved clusters, cache hits) are cumulative over the lengths
+                stats[str(L)] = {k: v for k, v in engine.stats().items() if isinstance(v, (int, float, str, bool))}
+                hit = stats[str(L)].get("cache_hit_ratio")
+                log(f"{name} @ {L}: {len(batch)} requests in {wall[str(L)]:.1f} s"
+                    + (f"; cache hit ratio so far {hit:.3f}" if hit is not None else ""))
+            del engine
+            free_memory()
             outputs[name] = outs
             sys_info[name] = {"attention": cfg.attention, "offload": cfg.offload,
                               "wave": asdict(cfg.wave) if cfg.attention == "wave" else None,
@@ -811,7 +815,6 @@ def main(argv=None) -> int:
     if not a.no_write:
         stem = a.name or "ruler_" + re.sub(r"[^A-Za-z0-9.+-]+", "-", _display(a.model)).strip("-")
         write_result(stem + ("_http" if a.server else ""), data)
-    main.last = data            # for tests
     return 0
 
 
