@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from . import guard as G
 from . import protocol as P
 from .frontend import Frontend, Prepared
 from .jobs import PHASES, JobManager
@@ -46,6 +47,7 @@ async def engine_ready(known_replicas: list, ping, timeout_s: float) -> bool:
 
 
 app = FastAPI(title="RetroInfer", description="Long-context LLM serving (KV cache as a vector store)")
+app.add_middleware(G.Guard)     # API keys, body size and read time, queued jobs: before a body is parsed
 
 
 @app.exception_handler(P.APIError)
@@ -114,6 +116,8 @@ def _sse(obj) -> str:
 class Ingress:
     def __init__(self, engine, opts: dict):
         self.engine = engine
+        self.request_timeout_s = opts.get("request_timeout_s")    # completions and chats: then 408
+        G.configure(G.settings_from(opts, lambda: sum(j.phase == "queued" for j in self.jobs.jobs.values())))
         self.front = Frontend(opts["model"], opts.get("served_model_name"), opts.get("dtype"),
                               opts.get("max_model_len"), opts.get("default_max_tokens", 256))
         self.retry_after_s = float(opts.get("retry_after_s", 1.0))
@@ -145,6 +149,9 @@ class Ingress:
                 prep.request_id, prep.prompt_ids, asdict(prep.params), kv_bytes=prep.kv_bytes, exclude=exclude)
             try:
                 first = await gen.__anext__()
+            except asyncio.CancelledError:   # the client went away, or the request timed out
+                gen.cancel()
+                raise
             except BackPressureError:
                 raise P.APIError(429, "the server's request queue is full; retry later", code="queue_full",
                                  retry_after_s=self.retry_after_s) from None
@@ -171,14 +178,15 @@ class Ingress:
 
     async def _run(self, prep: Prepared, stream: bool, render):
         """render(kind, text, finish_reason, usage) -> body dict; kind: "first" | "delta" | "final"."""
-        es, replica = await self.open_stream(prep)
+        until = G.deadline(self.request_timeout_s)
+        es, replica = await G.within(self.open_stream(prep), until)
         headers = {"x-retroinfer-replica": replica, "x-retroinfer-request-id": prep.request_id}
         if stream:
-            return StreamingResponse(self._sse_body(es, prep, render), media_type="text/event-stream",
+            return StreamingResponse(self._sse_body(es, prep, render, until), media_type="text/event-stream",
                                      headers=headers)
         parts, last = [], None
         try:
-            async for m in es:
+            async for m in G.timed(es, until):
                 if m["type"] == "output":
                     parts.append(m["text"])
                     last = m
@@ -196,12 +204,12 @@ class Ingress:
             return P.APIError(400, msg, code="kv_capacity_exceeded")
         return P.APIError(500, msg, code="engine_error")
 
-    async def _sse_body(self, es: EngineStream, prep: Prepared, render):
+    async def _sse_body(self, es: EngineStream, prep: Prepared, render, until: float | None = None):
         try:
             first = render("first", "", None, None)
             if first is not None:
                 yield _sse(first)
-            async for m in es:
+            async for m in G.timed(es, until):
                 if m["type"] != "output":
                     continue
                 if m["error"] or m["finish_reason"] in ("error", "abort"):
@@ -215,6 +223,9 @@ class Ingress:
                     tail = render("usage", "", None, use)
                     if tail is not None:
                         yield _sse(tail)
+            yield _sse("[DONE]")
+        except P.APIError as e:      # request_timeout_s ran out mid-stream
+            yield _sse(e.body())
             yield _sse("[DONE]")
         finally:
             es.cancel()

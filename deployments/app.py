@@ -61,6 +61,14 @@ class AppArgs(BaseModel):
     job_max_attempts: int = Field(3, ge=1)                 # sends of a job to engine replicas that die
     job_retry_max_s: float = Field(30.0, gt=0)             # the longest wait between asks for KV
     ingress_num_cpus: float = Field(0.25, ge=0)
+    # the HTTP edge (cluster/guard.py): API keys for /v1/* (RETROINFER_API_KEY, comma-separated,
+    # overrides), the body's size (413) and time to arrive (408), the jobs that may wait (429), and
+    # how long a completion or chat may take (408; None: no limit)
+    api_key: tuple[str, ...] = Field((), repr=False, validate_default=True)
+    max_body_bytes: int = Field(32 << 20, ge=1024)
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_queued_jobs: int = Field(256, ge=1)
+    request_timeout_s: float | None = Field(None, gt=0)
     # synthetic requests a replica runs before it serves, one per length (0 or []: none); a length
     # the service expects compiles that length's kernel variants before the first user needs them
     warmup_tokens: tuple[int, ...] = (2048,)
@@ -81,6 +89,12 @@ class AppArgs(BaseModel):
         if not v.strip() or v.endswith(("/", os.sep)) or Path(v).expanduser().is_dir():
             raise ValueError(f"jobs_db {v!r} must name a file (the SQLite jobs store), not a directory")
         return v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _api_key(cls, v):     # one key or a list of them
+        from retroinfer.cluster.guard import parse_keys
+        return parse_keys(os.environ.get("RETROINFER_API_KEY") or v)
 
     @field_validator("model")
     @classmethod
@@ -177,6 +191,7 @@ def build_app(args: dict | None = None):
     from ray.serve.config import RequestRouterConfig
 
     from retroinfer.cluster.api import Ingress
+    from retroinfer.cluster.guard import key_hash
     from retroinfer.cluster.replica import LLMReplica, ReplicaOptions
     from retroinfer.cluster.router import KVCapacityRouter
 
@@ -191,7 +206,10 @@ def build_app(args: dict | None = None):
     ingress = {"model": a.model_dir(), "served_model_name": name, "dtype": a.dtype, "max_model_len": a.max_model_len,
                "default_max_tokens": a.default_max_tokens, "retry_after_s": a.retry_after_s,
                "job_ttl_s": a.job_ttl_s, "jobs_db": a.jobs_db, "job_max_attempts": a.job_max_attempts,
-               "job_retry_max_s": a.job_retry_max_s, "engine_deployment": "LLMReplica"}
+               "job_retry_max_s": a.job_retry_max_s, "engine_deployment": "LLMReplica",
+               "api_key_hashes": [key_hash(k) for k in a.api_key], "max_body_bytes": a.max_body_bytes,
+               "body_timeout_s": a.body_timeout_s, "max_queued_jobs": a.max_queued_jobs,
+               "request_timeout_s": a.request_timeout_s}
     return serve.deployment(Ingress, name="Ingress").options(
         num_replicas=1, max_ongoing_requests=1024, ray_actor_options=ingress_actor_options(a, _cluster_resources()),
     ).bind(engine, ingress)
