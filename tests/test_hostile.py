@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
 PAGES = 16                   # KV per replica: 16 pages of 64 tokens (1024 tokens)
 MAX_BODY = 64 << 10
-REQUEST_TIMEOUT_S = 4.0
+REQUEST_TIMEOUT_S = 1.0      # completions here take < 0.3 s but the long one (1000 tokens) > 3 s
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
@@ -324,8 +324,34 @@ def test_a_body_that_never_arrives_is_408(base_url):
     assert took < 8
 
 
+def test_deadline_helpers_do_not_depend_on_speed():
+    from cluster import guard as G
+
+    async def endless():
+        while True:
+            await asyncio.sleep(0.01)
+            yield 1
+
+    async def go():
+        t0 = time.monotonic()
+        with pytest.raises(G.APIError) as e:
+            async for _ in G.timed(endless(), G.deadline(0.2)):
+                pass
+        assert e.value.status == 408 and 0.15 < time.monotonic() - t0 < 1.5
+        with pytest.raises(G.APIError):
+            await G.within(asyncio.sleep(10), G.deadline(0.1))
+        assert await G.within(asyncio.sleep(0, "ok"), None) == "ok"
+        assert [x async for x in G.timed(_items(3), G.deadline(5))] == [0, 1, 2]
+    asyncio.run(go())
+
+
+async def _items(n):
+    for i in range(n):
+        yield i
+
+
 def test_request_timeout_is_408_and_frees_the_kv(client):
-    long_ = {"prompt": "slow", "max_tokens": 900, **GREEDY}     # ~6 s of decoding here
+    long_ = {"prompt": "slow", "max_tokens": 1000, **GREEDY}    # 1000 of the pool's 1024 tokens: > 3 s on 2 cores
     t0 = time.monotonic()
     _openai_error(client.post("/v1/completions", json=long_), 408, code="request_timeout")
     assert time.monotonic() - t0 < REQUEST_TIMEOUT_S + 3
