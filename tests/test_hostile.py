@@ -172,6 +172,7 @@ def test_an_engine_failure_marks_the_replica_unhealthy():
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 
+from tests.fuzz import fuzz_body  # noqa: E402
 from tests.serve_util import PAGE_BYTES, PAGE_TOKENS, cluster, free_port, start_app, wait_for, wait_idle  # noqa: E402
 
 
@@ -400,36 +401,6 @@ def test_api_keys_guard_v1_and_jobs_belong_to_their_key(client, base_url):
 
 # -- the fuzzer ---------------------------------------------------------------------------------------
 FUZZ_REQUESTS = 300
-VALUES = [None, 0, 1, -1, 2, 7, 2**31, 2**63, 2**64, -2**63 - 1, 1e-40, 1e-300, 1e300, 0.5, -0.0, 3.7, True, False,
-          "", "x", "\ud800", "\x00", "a" * 300, [], [1, 2], [-1], [2**70], ["a"], [None], {}, {"a": 1}, [[1]],
-          {"type": "text"}]
-FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-          "stop", "stop_token_ids", "ignore_eos", "n", "stream", "stream_options", "model", "logprobs", "echo",
-          "presence_penalty", "user", "response_format", "tools", "best_of", "suffix"]
-
-
-def _fuzz_body(rng: random.Random, path: str):
-    body = {"max_tokens": rng.choice([1, 2, 4])}
-    if path == "/v1/chat/completions" or (path == "/v1/jobs" and rng.random() < 0.3):
-        body["messages"] = [{"role": rng.choice(["user", "system", "assistant", "robot"]),
-                             "content": rng.choice(["hi", "\ud800", "", None, [{"type": "text", "text": "a"}],
-                                                    [{"type": "image_url"}], 5])}]
-    else:
-        body["prompt"] = rng.choice(["hello", "\ud800x", "", [1, 2, 3], [], [10**9], ["one"], ["a", "b"],
-                                     [65] * rng.randint(1, 400), "z" * rng.randint(1, 2000)])
-    for _ in range(rng.choice([0, 0, 0, 1, 2, 3])):
-        body[rng.choice(FIELDS)] = rng.choice(VALUES)
-    if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool) and body["max_tokens"] > 4:
-        body["max_tokens"] = rng.choice([4, 10**6])             # keep generation short, or far too long
-    text = json.dumps(body)
-    r = rng.random()
-    if r < 0.08:                      # truncated or corrupted JSON
-        text = text[: rng.randint(0, len(text))]
-    elif r < 0.12:
-        text = text.replace(":", rng.choice(["", "::", ": NaN,"]), 1)
-    elif r < 0.15:
-        return rng.choice([b"\xff\xfe\x00", b"null", b"[]", b"1e999", b'{"prompt": "' + b"\xc3" + b'"}'])
-    return text.encode()
 
 
 def test_fuzzer_gets_no_5xx_and_changes_nothing(client, base_url):
@@ -444,7 +415,7 @@ def test_fuzzer_gets_no_5xx_and_changes_nothing(client, base_url):
             headers = {"content-type": rng.choice(["application/json"] * 9 + ["text/plain", ""])}
             if rng.random() < 0.95:
                 headers["authorization"] = f"Bearer {rng.choice([KEY_A] * 9 + ['wrong'])}"
-            r = c.post(path, content=_fuzz_body(rng, path), headers=headers)
+            r = c.post(path, content=fuzz_body(rng, path), headers=headers)
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             assert r.status_code < 500, (i, path, r.status_code, r.text)
             assert "Traceback" not in r.text
