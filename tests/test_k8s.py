@@ -335,6 +335,66 @@ def test_rayjob_reaches_the_service_with_the_shipped_client(target):
     assert data in claims and opts["--prompts"].startswith("/data/") and opts["--results"].startswith("/data/")
 
 
+# ---------------------------------------------------------------- what is exposed
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions In/NotIn/Exists) against labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        op, key, values = e["operator"], e["key"], e.get("values", [])
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _pod_labels(cluster_spec):
+    groups = [cluster_spec["headGroupSpec"]] + cluster_spec.get("workerGroupSpecs", [])
+    return [g["template"]["metadata"]["labels"] for g in groups]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_ray_ports_are_private_and_the_serving_port_is_not(target):
+    (svc,) = objects(target, "RayService")
+    (pol,) = objects(target, "NetworkPolicy")
+    spec = pol["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    pods = _pod_labels(svc["spec"]["rayClusterConfig"])
+    assert all(_selects(spec["podSelector"], labels) for labels in pods)     # head and every worker
+    assert not any(_selects(spec["podSelector"], labels) for labels in _pod_labels(rayjob()["spec"]["rayClusterSpec"]))
+    open_ports, operator_ports = set(), set()
+    for rule in spec["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        peers = rule.get("from")
+        if not peers:
+            open_ports |= ports or {"*"}
+        elif all(_selects(peer.get("podSelector", {}), labels) for peer in peers for labels in pods):
+            assert all("namespaceSelector" not in peer for peer in peers)         # the pods themselves
+        else:
+            (peer,) = peers
+            assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+            operator_ports |= ports
+    assert open_ports == {8000}, open_ports
+    assert operator_ports == {8265}
+
+
+def _env(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_api_keys_come_from_an_optional_secret(target):
+    (svc,) = objects(target, "RayService")
+    head = ray_container(svc["spec"]["rayClusterConfig"]["headGroupSpec"])     # the ingress runs here
+    client = ray_container(rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"])  # submit_jobs.py
+    for c in (head, client):
+        ref = _env(c)["RETROINFER_API_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "retroinfer-api-key", "key": "keys", "optional": True}
+
+
 # ---------------------------------------------------------------- the shipped scripts
 
 
@@ -373,6 +433,7 @@ class FakeJobs(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         s = self.state
+        s.setdefault("auth", set()).add(self.headers.get("Authorization"))
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if s["busy"]:
             s["busy"] -= 1
@@ -395,10 +456,11 @@ def jobs_server():
     server.shutdown()
 
 
-def submit_jobs(url, tmp_path, *extra):
+def submit_jobs(url, tmp_path, *extra, env=None):
     cmd = [sys.executable, str(SCRIPTS / "submit_jobs.py"), "--url", url, "--prompts", str(tmp_path / "prompts"),
            "--results", str(tmp_path / "results"), "--poll", "0.01", "--retry", "0.01", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "RETROINFER_API_KEY"} | (env or {})
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def test_submit_jobs_client(jobs_server, tmp_path):
@@ -409,8 +471,9 @@ def test_submit_jobs_client(jobs_server, tmp_path):
     (tmp_path / "prompts" / "b.json").write_text(json.dumps({"prompt": "FAIL me", "max_tokens": 7}))
     (tmp_path / "prompts" / "c.txt").write_text("already done")
     (tmp_path / "results" / "c.json").write_text("{}")
-    proc = submit_jobs(url, tmp_path, "--max-tokens", "64")
+    proc = submit_jobs(url, tmp_path, "--max-tokens", "64", env={"RETROINFER_API_KEY": "k1, k2"})
     out, _ = proc.communicate(timeout=60)
+    assert state["auth"] == {"Bearer k1"}
     assert proc.returncode == 1, out  # b failed
     assert "server busy" in out and "c: result exists, skipped" in out
     done = json.loads((tmp_path / "results" / "a.json").read_text())

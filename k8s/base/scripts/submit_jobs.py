@@ -6,12 +6,14 @@ cancelled. It first waits up to --wait seconds for GET /v1/models to answer (the
 the first one listed). At most --concurrency jobs are in flight; a 429 (no replica has room for
 the KV) is retried after its Retry-After. Results go to --results/<name>.json (the final job
 object, "result" included) or <name>.error.json; a prompt whose <name>.json exists is skipped, so
-a rerun resumes. SIGTERM/SIGINT cancel the jobs in flight (DELETE /v1/jobs/{id}). Exit status 0
+a rerun resumes. With --api-key (default: the first of the comma-separated RETROINFER_API_KEY)
+every call carries `Authorization: Bearer <key>`. SIGTERM/SIGINT cancel the jobs in flight (DELETE /v1/jobs/{id}). Exit status 0
 when every job is done, 1 otherwise. Standard library only (it runs in any Python 3.8+).
 """
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -30,10 +32,15 @@ class Busy(Exception):
         self.delay = delay
 
 
+API_KEY = None     # set from --api-key in main()
+
+
 def call(base, method, path, body=None, timeout=60):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(base.rstrip("/") + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if API_KEY:
+        headers["Authorization"] = f"Bearer {API_KEY}"
+    req = urllib.request.Request(base.rstrip("/") + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
@@ -166,7 +173,12 @@ def main(argv=None):
     p.add_argument("--retry", type=float, default=10.0, help="seconds between retries after a connection error")
     p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the service to come up")
     p.add_argument("--verbose", action="store_true", help="print every poll's phase and progress")
-    return run(p.parse_args(argv))
+    p.add_argument("--api-key", default=(os.environ.get("RETROINFER_API_KEY") or "").split(",")[0].strip() or None,
+                   help="bearer key for the service (default: the first of RETROINFER_API_KEY)")
+    args = p.parse_args(argv)
+    global API_KEY
+    API_KEY = args.api_key
+    return run(args)
 
 
 if __name__ == "__main__":
