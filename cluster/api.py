@@ -200,7 +200,7 @@ class Ingress:
     @staticmethod
     def _engine_error(last: dict | None, produced: bool) -> P.APIError:
         msg = (last or {}).get("error") or "the request was aborted"
-        if not produced and "KV cache cannot hold" in msg:
+        if not produced and (last or {}).get("error_code") == "kv_capacity_exceeded":
             return P.APIError(400, msg, code="kv_capacity_exceeded")
         return P.APIError(500, msg, code="engine_error")
 

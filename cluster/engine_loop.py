@@ -1,13 +1,14 @@
 """The engine on its own thread, for an asyncio server.
 
 `EngineLoop` runs `LLMEngine.step()` while there is work and sleeps on an Event otherwise. A
-request is admitted by `submit`, which checks its KV footprint against the replica's capacity and
-the footprints of requests already admitted (the replica knows these exactly, the router only
-approximately) and returns an asyncio.Queue that receives the request's messages:
+request is admitted by `submit`, which hands it to the engine, whose scheduler checks its KV
+footprint against the one KV ledger (the replica's capacity less the footprints of requests already
+admitted; the replica knows these exactly, the router only approximately): no room now is a 429,
+never fits a 400. It returns an asyncio.Queue that receives the request's messages:
 
   {"type": "progress", "layers_done", "num_layers"}       prefill progress
   {"type": "output", "token_ids", "text", "finished", "finish_reason", "error",
-   "prompt_tokens", "completion_tokens"}                   one engine step's worth
+   "prompt_tokens", "completion_tokens", "error_code"}     one engine step's worth
 
 Delivery crosses threads with `loop.call_soon_threadsafe`. `abort` is thread-safe; the engine frees
 the request's KV at its next step.
@@ -26,6 +27,7 @@ import threading
 import time
 from dataclasses import asdict
 
+from retroinfer.engine.protocol import AdmissionError
 from retroinfer.engine.sampling import SamplingParams
 
 log = logging.getLogger("ray.serve.retroinfer")    # the replica's log under Serve
@@ -50,8 +52,7 @@ class EngineLoop:
         self.on_step = on_step                      # callback(stats) on the loop thread (metrics)
         self.stats_interval_s = stats_interval_s
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._footprint: dict[str, int] = {}        # admitted request -> KV bytes
-        self._outstanding = 0                        # their sum
+        self.engine.reject_when_full = True         # the engine's KV ledger answers 429 for no room now
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -68,7 +69,8 @@ class EngineLoop:
     # -- called from the server's event loop ---------------------------------------------------
     @property
     def outstanding_bytes(self) -> int:
-        return self._outstanding
+        """KV promised to admitted requests: the engine's ledger (as of the last stats)."""
+        return int(self.stats.get("outstanding_bytes", 0))
 
     @property
     def healthy(self) -> bool:
@@ -79,27 +81,16 @@ class EngineLoop:
         if not self.healthy:
             raise Rejected(429, "replica_unhealthy", f"this replica's engine failed ({self.failure or 'stopped'}) "
                            "and is being replaced")
-        if kv_bytes > self.capacity_bytes:
-            raise Rejected(400, "kv_capacity_exceeded",
-                           f"the request needs {kv_bytes} bytes of KV cache; a replica holds at most "
-                           f"{self.capacity_bytes}")
-        try:
-            self.engine.validate(prompt_ids, params)
-        except ValueError as e:
-            raise Rejected(400, "invalid_request", str(e)) from None
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise Rejected(400, "invalid_request", f"request id {request_id!r} is already in use")
-            free = self.capacity_bytes - self._outstanding
-            if kv_bytes > free:
-                raise Rejected(429, "kv_cache_full", f"the request needs {kv_bytes} bytes of KV cache; "
-                               f"{max(free, 0)} of {self.capacity_bytes} are free on this replica now")
             self._streams[request_id] = (asyncio.get_running_loop(), q)
-            self._footprint[request_id] = kv_bytes
-            self._outstanding += kv_bytes
-        try:
+        try:   # validates once and admits through the engine's KV ledger (`kv_bytes`: the ingress's figure)
             self.engine.add_request(request_id, prompt_ids, params)
+        except AdmissionError as e:   # NO_ROOM_NOW: 429 kv_cache_full; NEVER_FITS: 400 kv_capacity_exceeded
+            self._forget(request_id)
+            raise Rejected(e.admission.status, e.admission.code, str(e)) from None
         except Exception as e:   # noqa: BLE001 - the request's own: nothing of it is kept
             self._forget(request_id)
             raise Rejected(400, "invalid_request", str(e) if isinstance(e, ValueError) else
@@ -130,7 +121,6 @@ class EngineLoop:
     def _forget(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
-            self._outstanding -= self._footprint.pop(request_id, 0)
 
     def _send(self, request_id: str, msg: dict, last: bool = False) -> None:
         with self._lock:
@@ -223,4 +213,4 @@ class EngineLoop:
             self.engine.abort(rid)
             self._send(rid, {"type": "output", "request_id": rid, "token_ids": [], "text": "", "finished": True,
                              "finish_reason": "error", "error": message, "prompt_tokens": 0,
-                             "completion_tokens": 0}, last=True)
+                             "completion_tokens": 0, "error_code": None}, last=True)

@@ -7,13 +7,14 @@ created in the replica's placement group, and `RayPipelineExecutor`, which has t
 - Decode splits the batch into micro-batches and submits every (micro-batch, stage) call at once:
   actor calls run in submission order, so stage i works on micro-batch m+1 while stage i+1 works on
   m.
-- Prefill runs stage by stage; while a stage works, the executor polls its per-layer progress (a
-  method in a separate concurrency group, so it answers during the prefill) and forwards it to the
-  engine; an abort (raised by the engine's progress callback) cancels the running stage between two
-  of its layers.
+- Prefill runs stage by stage, one unit (a chunk through a layer) per call: the stage actor keeps
+  the sequence's prefill generator between calls, so the engine's decode steps run between any two
+  units (an actor's calls run in submission order), an abort lands within one unit, and the
+  executor's `prefill_steps` yields once per unit as `protocol.Executor` asks.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Hashable
 
 import ray
@@ -21,17 +22,13 @@ import torch
 
 from retroinfer.attention import KVCapacityError
 from retroinfer.config import EngineConfig, ModelConfig, parse_dtype
-from retroinfer.engine.executor import merge_stage_stats, split_layers
-
-
-class _Cancelled(Exception):
-    pass
+from retroinfer.engine.executor import split_layers
+from retroinfer.engine.protocol import EngineStats
 
 
 class StageActor:
     """A `retroinfer.engine.stage.Stage` in its own process. Compute methods run one at a time in
-    submission order (the default concurrency group); `progress`, `cancel` and `stats` answer from
-    a second group while a prefill runs."""
+    submission order (the default concurrency group); `info` and `stats` answer from a second group."""
 
     def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, layer_ids: range, device: str,
                  num_threads: int | None = None):
@@ -40,8 +37,8 @@ class StageActor:
         from retroinfer.engine.stage import Stage
         self.stage = Stage(cfg, model_cfg, layer_ids, device)
         self.layer_ids = layer_ids
+        self._prefills: dict = {}          # seq_id -> its prefill generator
         self._layers_done: dict = {}
-        self._cancelled: set = set()
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
@@ -59,37 +56,45 @@ class StageActor:
         return None
 
     def free(self, seq_id: Hashable) -> None:
+        self.prefill_cancel(seq_id)
         self.stage.free(seq_id)
 
-    def prefill(self, seq_id: Hashable, x: torch.Tensor):
+    def prefill_start(self, seq_id: Hashable, x: torch.Tensor) -> None:
+        """x: token ids, or the previous stage's hidden states (an ObjectRef Ray resolves)."""
         self._layers_done[seq_id] = 0
 
         def progress(layer: int) -> None:
             self._layers_done[seq_id] += 1
-            if seq_id in self._cancelled:
-                raise _Cancelled
+        self._prefills[seq_id] = self.stage.prefill_steps(seq_id, x, progress)
 
+    def prefill_advance(self, seq_id: Hashable) -> int:
+        """Runs one unit (a chunk through a layer); -> this stage's layers done."""
+        next(self._prefills[seq_id])
+        return self._layers_done[seq_id]
+
+    def prefill_finish(self, seq_id: Hashable):
+        """After the last unit: writes the last layer's KV and returns the hidden states (the
+        last stage: the logits), on CPU."""
+        gen = self._prefills.pop(seq_id)
         try:
-            out = self.stage.prefill(seq_id, x, progress)
-        except _Cancelled:
-            return None
+            next(gen)
+        except StopIteration as done:
+            out = done.value
+            return out.float().cpu() if self.stage.last else out.cpu()
         finally:
             self._layers_done.pop(seq_id, None)
-            self._cancelled.discard(seq_id)
-        return out.float().cpu() if self.stage.last else out.cpu()
+        gen.close()
+        raise RuntimeError("the stage's prefill yielded more units than the executor counted")
+
+    def prefill_cancel(self, seq_id: Hashable) -> None:
+        gen = self._prefills.pop(seq_id, None)
+        self._layers_done.pop(seq_id, None)
+        if gen is not None:
+            gen.close()
 
     def decode(self, seq_ids: list, x: torch.Tensor, positions: torch.Tensor):
         out = self.stage.decode(seq_ids, x, positions)
         return out.float().cpu() if self.stage.last else out.cpu()
-
-    @ray.method(concurrency_group="control")
-    def progress(self, seq_id: Hashable) -> int:
-        return self._layers_done.get(seq_id, -1)
-
-    @ray.method(concurrency_group="control")
-    def cancel(self, seq_id: Hashable) -> None:
-        if seq_id in self._layers_done:
-            self._cancelled.add(seq_id)
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict:
@@ -107,7 +112,7 @@ class RayPipelineExecutor:
 
     def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, num_stages: int, *,
                  num_cpus: float = 1.0, num_gpus: float = 0.0, placement_group="current",
-                 first_bundle: int = 1, micro_batches: int | None = None, poll_s: float = 0.05):
+                 first_bundle: int = 1, micro_batches: int | None = None):
         from ray.util import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -115,7 +120,6 @@ class RayPipelineExecutor:
         self.device = torch.device("cpu")                     # where the logits arrive
         self.dtype = parse_dtype(cfg.dtype or model_cfg.dtype)
         self.micro_batches = micro_batches or num_stages
-        self.poll_s = poll_s
         pg = get_current_placement_group() if placement_group == "current" else placement_group
         device = "cuda" if num_gpus > 0 else "cpu"
         threads = max(1, int(round(num_cpus))) if device == "cpu" else None
@@ -130,7 +134,7 @@ class RayPipelineExecutor:
         self.stage_info = ray.get([st.info.remote() for st in self.stages])
         self.layer_ranges = [range(*i["layers"]) for i in self.stage_info]
 
-    # -- the LocalExecutor interface ----------------------------------------------------------
+    # -- the protocol.Executor interface ----------------------------------------------------------
     def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
         results = ray.get([st.reserve.remote(seq_id, num_tokens) for st in self.stages])
         failed = [r for r in results if r is not None]
@@ -144,29 +148,34 @@ class RayPipelineExecutor:
         # Waited for, so the stats that follow (routing, metrics) see the KV returned.
         ray.get([st.free.remote(seq_id) for st in self.stages])
 
-    def prefill(self, seq_id: Hashable, ids: torch.Tensor, progress: Callable[[int], None] | None = None):
-        x = ids
-        for st, layers in zip(self.stages, self.layer_ranges):
-            ref = st.prefill.remote(seq_id, x)
-            reported = 0
-            try:
-                while True:
-                    ready, _ = ray.wait([ref], timeout=self.poll_s)
-                    done = len(layers) if ready else ray.get(st.progress.remote(seq_id))
-                    for li in layers[reported:max(reported, done)]:
-                        if progress is not None:
-                            progress(li)     # the engine raises here to abort
-                    reported = max(reported, done)
-                    if ready:
-                        break
-            except BaseException:
-                st.cancel.remote(seq_id)
-                raise
-            x = ref
-        out = ray.get(x)
-        if out is None:     # cancelled inside a stage without the engine asking: treat as abort
-            raise RuntimeError("prefill was cancelled")
+    def prefill_steps(self, seq_id: Hashable, ids: torch.Tensor, progress: Callable[[int], None] | None = None):
+        """One remote call per unit, yielding after each; hidden states go stage to stage as
+        ObjectRefs. Closing the generator (an abort) cancels the stage's prefill."""
+        units_per_layer = math.ceil(len(ids) / self.cfg.prefill_chunk)
+        x, st = ids, None
+        try:
+            for st, layers in zip(self.stages, self.layer_ranges):
+                st.prefill_start.remote(seq_id, x)
+                reported = 0
+                for _ in range(len(layers) * units_per_layer):
+                    done = ray.get(st.prefill_advance.remote(seq_id))
+                    reported = self._report(layers, reported, done, progress)
+                    yield
+                x = st.prefill_finish.remote(seq_id)
+                self._report(layers, reported, len(layers), progress)
+            out, st = ray.get(x), None
+        except BaseException:
+            if st is not None:
+                st.prefill_cancel.remote(seq_id)
+            raise
         return out
+
+    @staticmethod
+    def _report(layers: range, reported: int, done: int, progress) -> int:
+        if progress is not None:
+            for li in layers[reported:max(reported, done)]:
+                progress(li)
+        return max(reported, done)
 
     def decode(self, seq_ids: list, ids: torch.Tensor, positions: torch.Tensor):
         B = len(seq_ids)
@@ -180,8 +189,8 @@ class RayPipelineExecutor:
             refs.append(x)
         return torch.cat(ray.get(refs), dim=0)
 
-    def stats(self) -> dict:
-        return merge_stage_stats(ray.get([st.stats.remote() for st in self.stages]))
+    def stats(self) -> EngineStats:
+        return EngineStats.from_stages(ray.get([st.stats.remote() for st in self.stages]))
 
     def shutdown(self) -> None:
         for st in self.stages:

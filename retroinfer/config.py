@@ -192,8 +192,12 @@ class EngineConfig:
     offload: bool = False                # wave: cluster-sorted KV in pinned host memory (wave buffer)
     host_kv_budget_bytes: int | None = None   # offload: host pool per stage (default: half the free RAM)
     prefill_chunk: int = 16384           # tokens per MLP / projection chunk in prefill
-    prefill_slice_s: float | None = 0.25   # while others decode, prefill this long between their
-                                           # decode steps (None: a prefill runs to its end at once)
+    prefill_budget_tokens: int | None = 1024   # prefill per engine step, in prompt tokens through the
+                                               # whole model (a chunk of c tokens through one of L layers
+                                               # counts c / L); every step also decodes the running batch.
+                                               # None: each step finishes every prefill in progress
+    prefill_slice_s: float | None = None   # also end a step's prefill once it has run this long (after at
+                                           # least one chunk of one layer; 0: one chunk a step)
     cuda_graphs: bool = True             # replay the decode step as a CUDA graph where the backend allows
     seed: int = 0
 
@@ -202,6 +206,8 @@ class EngineConfig:
             raise ConfigError(f"attention must be 'full' or 'wave', not {self.attention!r}")
         if self.max_batch < 1 or self.prefill_chunk < 1:
             raise ConfigError("max_batch and prefill_chunk must be >= 1")
+        if self.prefill_budget_tokens is not None and self.prefill_budget_tokens < 1:
+            raise ConfigError("prefill_budget_tokens must be >= 1 (or None: unbounded)")
         if self.dtype is not None:
             parse_dtype(self.dtype)
         if self.offload and self.attention != "wave":

@@ -45,14 +45,14 @@ def test_two_cpu_stages_match_local_executor(pipeline):
     assert got == want
     assert [d for rid, d, n in progress if rid == "0"] == [0, 1, 2, 3, 4]  # start, then one per layer
     assert [s["layers"] for s in pipeline.stage_info] == [[0, 2], [2, 4]]
-    assert pipeline.stats()["used_bytes"] == 0                            # everything freed
+    assert pipeline.stats().used_bytes == 0                            # everything freed
 
 
 def test_capacity_error_crosses_actors(pipeline):
     with pytest.raises(KVCapacityError) as e:
         pipeline.reserve("big", 10**6)
     assert e.value.ever is False
-    assert pipeline.stats()["used_bytes"] == 0
+    assert pipeline.stats().used_bytes == 0
 
 
 def test_abort_during_prefill_frees_kv(pipeline):
@@ -63,4 +63,4 @@ def test_abort_during_prefill_frees_kv(pipeline):
     while eng.has_work():
         outs += eng.step()
     assert outs[-1].finished and outs[-1].finish_reason == "abort" and not outs[-1].token_ids
-    assert pipeline.stats()["used_bytes"] == 0
+    assert pipeline.stats().used_bytes == 0

@@ -27,7 +27,7 @@ def test_decodes_continue_during_a_long_prefill():
     while eng.has_work():
         for out in eng.step():
             tokens[out.request_id] += out.token_ids
-            if out.request_id == "a" and out.token_ids and eng._prefill is not None:
+            if out.request_id == "a" and out.token_ids and eng.scheduler.prefilling:
                 a_during_b_prefill += 1
     assert a_during_b_prefill >= 10, "a must keep decoding while b prefills"
     assert tokens["a"] == _alone(short, 40) and tokens["b"] == _alone(long_, 5)
@@ -41,12 +41,12 @@ def test_abort_during_sliced_prefill_frees_kv():
     eng.add_request("b", list(range(1, 250)) * 8, SamplingParams(max_tokens=5, **GREEDY))
     for _ in range(3):
         eng.step()
-    seq_b = eng._prefill[0]
+    seq_b = eng.scheduler.prefilling[0]
     assert seq_b.phase is Phase.PREFILL and eng.stats()["used_bytes"] > used_a
     eng.abort("b")
     outs = eng.step()
     assert any(o.request_id == "b" and o.finish_reason == "abort" for o in outs)
-    assert eng._prefill is None and eng.stats()["used_bytes"] == used_a
+    assert not eng.scheduler.prefilling and eng.stats()["used_bytes"] == used_a
 
 
 def test_incremental_detokenizer_matches_full_decode(tmp_path):

@@ -1,5 +1,5 @@
-"""Executors run the model's stages for the scheduler: in process (one or several devices) here,
-as Ray stage actors in `retroinfer.cluster.pipeline`."""
+"""Executors run the model's stages for the engine (the contract: `protocol.Executor`): in process
+(one or several devices) here, as Ray stage actors in `retroinfer.cluster.pipeline`."""
 from __future__ import annotations
 
 from typing import Callable, Hashable
@@ -9,6 +9,7 @@ import torch
 from ..attention import KVCapacityError
 from ..config import EngineConfig, ModelConfig
 from ..models.model import drain
+from .protocol import EngineStats
 from .stage import Stage
 
 
@@ -54,10 +55,11 @@ class LocalExecutor:
             st.free(seq_id)
 
     def prefill(self, seq_id: Hashable, ids: torch.Tensor, progress: Callable[[int], None] | None = None):
+        """The whole prefill at once (tests, tools); the engine advances `prefill_steps`."""
         return drain(self.prefill_steps(seq_id, ids, progress))
 
     def prefill_steps(self, seq_id: Hashable, ids: torch.Tensor, progress: Callable[[int], None] | None = None):
-        """Generator form of `prefill`: yields between chunks, returns the last token's logits."""
+        """Yields after every chunk of every layer (`protocol.Executor`), returns the last token's logits."""
         x = ids
         for st in self.stages:
             x = yield from st.prefill_steps(seq_id, x, progress)
@@ -69,29 +71,8 @@ class LocalExecutor:
             x = st.decode(seq_ids, x, positions)
         return x
 
-    def stats(self) -> dict:
-        return merge_stage_stats([st.stats() for st in self.stages])
+    def stats(self) -> EngineStats:
+        return EngineStats.from_stages([st.stats() for st in self.stages])
 
-
-ADDITIVE = ("retrieved_clusters", "cache_hits", "gathered_rows", "pcie_rows", "pcie_bytes_total",
-            "pcie_bytes_per_step", "host_pool_bytes", "host_pinned_bytes", "cache_bytes")
-
-
-def merge_stage_stats(per: list[dict]) -> dict:
-    """KV bytes (a sequence fits only where every stage has room), PCIe traffic, pools and cache
-    counts summed over stages, hit ratios recomputed from the sums; other numeric keys taken from
-    the first stage that reports them; the stages' own dicts under "stages"."""
-    out = {"capacity_bytes": sum(p["capacity_bytes"] for p in per),
-           "used_bytes": sum(p["used_bytes"] for p in per), "stages": per}
-    for k in ADDITIVE:
-        if any(k in p for p in per):
-            out[k] = sum(p.get(k, 0) for p in per)
-    if out.get("retrieved_clusters"):
-        out["cache_hit_ratio"] = out["cache_hits"] / out["retrieved_clusters"]
-    if out.get("gathered_rows"):
-        out["cache_row_hit_ratio"] = 1 - out["pcie_rows"] / out["gathered_rows"]
-    for p in per:
-        for k, v in p.items():
-            if k not in out and isinstance(v, (int, float)):
-                out[k] = v
-    return out
+    def shutdown(self) -> None:
+        """Nothing to stop: the stages live and die with this process."""

@@ -1,43 +1,35 @@
-"""The engine: requests in, tokens out. Continuous batching: a prompt joins by a whole-prompt,
-layer-by-layer prefill; running sequences advance together one decode step at a time, and leave
-the batch as they finish. Thread-safe entry points: `add_request`, `abort`; `step` runs on one
-thread (the serving layer's engine loop).
+"""The engine: requests in, tokens out. `step()` = the scheduler's plan (`scheduler.py`) -> the
+executor runs it -> outputs. A step runs the planned prefill work (at most the step's prefill
+budget, chunk by chunk, layer by layer) and then one decode step of every running sequence, so
+streams keep their pace while long prompts prefill. Thread-safe entry points: `add_request`,
+`abort`; `step` runs on one thread (the serving layer's engine loop).
 
-Failures are kept to the request that caused them: a request's KV is reserved only after
-everything that can fail on its own account before its prefill (its sampling generator, its
-seed); an exception in its prefill, its sampling or its detokenising finishes that request with
-an error (`finish_reason` "error") and frees its KV, and the other requests go on. An exception
-`step` raises (the batched decode itself) is the engine's, not a request's."""
+A request is validated once, in `add_request`, which also admits it into the scheduler's KV
+ledger (or raises `AdmissionError` with a typed reason). Failures are kept to the request that
+caused them: its sampling generator is made before its KV is reserved; an exception in its
+prefill, its sampling or its detokenising finishes that request with an error
+(`FinishReason.ERROR`) and frees its KV, and the other requests go on. An exception `step` raises
+(the batched decode itself) is the engine's, not a request's. An abort lands within one unit of
+prefill work (one chunk through one layer)."""
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections import deque
 from typing import Callable
 
 import torch
 
-from ..attention import KVCapacityError
-from ..config import ConfigError, EngineConfig, ModelConfig
+from ..config import EngineConfig, ModelConfig
 from ..models.presets import is_preset, preset_config
 from .executor import LocalExecutor
+from .protocol import EngineStats, ErrorCode, Executor, FinishReason, PrefillWork, RequestOutput
 from .sampling import Sampler, SamplingParams
-from .sequence import Phase, RequestOutput, Sequence
+from .scheduler import Scheduler
+from .sequence import Phase, Sequence
 from .tokenizer import IncrementalDetokenizer, load_tokenizer
 
 log = logging.getLogger("ray.serve.retroinfer")
-
-
-class _Aborted(Exception):
-    pass
-
-
-def _no_yield(fn):
-    """A blocking call in the shape of a prefill generator (executors without `prefill_steps`)."""
-    return fn()
-    yield  # noqa: unreachable: makes this a generator
 
 
 def load_model_config(model: str) -> ModelConfig:
@@ -61,37 +53,60 @@ def check_request(prompt_ids: list[int], params: SamplingParams, max_model_len: 
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, executor=None,
+    def __init__(self, cfg: EngineConfig, executor: Executor | None = None,
                  on_prefill_progress: Callable[[str, int, int], None] | None = None):
         self.cfg = cfg
         self.model_cfg = load_model_config(cfg.model)
         self.tokenizer = load_tokenizer(cfg.model)
         self.max_model_len = cfg.max_model_len or self.model_cfg.max_position_embeddings
-        self.executor = executor or LocalExecutor(cfg, self.model_cfg)
+        self.executor: Executor = executor or LocalExecutor(cfg, self.model_cfg)
         self.sampler = Sampler(self.executor.device)
         self.eos = set(self.model_cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.on_prefill_progress = on_prefill_progress
+        self.bytes_per_token = self.model_cfg.kv_bytes_per_token(self.executor.dtype)
+        self.scheduler = Scheduler(
+            self.executor, capacity_tokens=self.executor.stats().capacity_bytes // self.bytes_per_token,
+            num_layers=self.model_cfg.num_layers, prefill_chunk=cfg.prefill_chunk, max_batch=cfg.max_batch,
+            budget_tokens=cfg.prefill_budget_tokens, max_prefill_tokens=self.max_model_len,
+            bytes_per_token=self.bytes_per_token)
         self.seqs: dict[str, Sequence] = {}
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self._prefill: tuple | None = None     # (sequence, its prefill generator, start time)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self.last_step: dict = {}
+        self._last = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_batch": 0, "decode_s": 0.0,
+                      "step_prefill_tokens": 0.0}
 
     # -- thread-safe entry points ----------------------------------------------------------
+    @property
+    def reject_when_full(self) -> bool:
+        """True: a request that does not fit the KV left now is refused (`AdmissionError`,
+        NO_ROOM_NOW) instead of waiting; the serving layer sets it, so the ingress tries elsewhere."""
+        return self.scheduler.reject_when_full
+
+    @reject_when_full.setter
+    def reject_when_full(self, value: bool) -> None:
+        self.scheduler.reject_when_full = value
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError with a user-facing message if the request can never run."""
         check_request(prompt_ids, params, self.max_model_len, self.model_cfg.vocab_size)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Validates and admits the request (ValueError, or its subclass `AdmissionError` whose
+        `admission` is NEVER_FITS or NO_ROOM_NOW, if it is refused)."""
         self.validate(prompt_ids, params)
+        seq = Sequence(request_id, list(prompt_ids), params, IncrementalDetokenizer(self.tokenizer))
+        try:
+            seq.generator = self.sampler.generator(params.seed)
+        except Exception as e:           # noqa: BLE001 - the request's (a seed torch refuses): fails at its step
+            seq.setup_error = e
         with self._lock:
             if request_id in self.seqs:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            seq = Sequence(request_id, list(prompt_ids), params, IncrementalDetokenizer(self.tokenizer))
             self.seqs[request_id] = seq
-        self._inbox.put(seq)
+            try:
+                self.scheduler.add(seq)
+            except Exception:
+                del self.seqs[request_id]
+                raise
 
     def abort(self, request_id: str) -> None:
         seq = self.seqs.get(request_id)
@@ -99,148 +114,127 @@ class LLMEngine:
             seq.aborted = True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._prefill or not self._inbox.empty())
+        return self.scheduler.has_work()
+
+    @property
+    def running(self) -> list[Sequence]:
+        """The decode batch (read-only; benchmarks read it)."""
+        return self.scheduler.running
 
     def kv_bytes_for(self, num_tokens: int) -> int:
-        return num_tokens * self.model_cfg.kv_bytes_per_token(self.executor.dtype)
+        return num_tokens * self.bytes_per_token
+
+    def engine_stats(self) -> EngineStats:
+        s, sch = self.executor.stats(), self.scheduler
+        s.outstanding_bytes = sch.outstanding_tokens * self.bytes_per_token
+        s.waiting, s.prefilling, s.running = len(sch.waiting) + len(sch._inbox), len(sch.prefilling), len(sch.running)
+        for k, v in self._last.items():
+            setattr(s, k, v)
+        return s
 
     def stats(self) -> dict:
-        s = dict(self.executor.stats())
-        s.update(waiting=len(self.waiting), running=len(self.running), prefilling=int(self._prefill is not None),
-                 **self.last_step)
-        return s
+        """`engine_stats()` as the flat dict the serving layer and the benchmarks read."""
+        return self.engine_stats().as_dict()
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        while not self._inbox.empty():
-            self.waiting.append(self._inbox.get())
-        outputs = self._reap_aborted()
-        if self._prefill is None and self.waiting and len(self.running) < self.cfg.max_batch:
-            outputs += self._start_prefill(self.waiting[0])
-        if self._prefill is not None:
-            done = self._advance_prefill()
-            if done is not None:          # finished (or aborted) this step: its first token
-                return outputs + done
-        if self.running:
-            outputs += self._decode()
+        plan = self.scheduler.schedule()
+        outputs = [self._output(s) for s in plan.finished]
+        for seq in plan.started:
+            if self.on_prefill_progress:      # layers_done 0: the prefill has started (its KV is reserved)
+                self.on_prefill_progress(seq.request_id, 0, self.model_cfg.num_layers)
+        outputs += self._prefill(plan.prefills)
+        if plan.decode:
+            outputs += self._decode(plan.decode)
         return outputs
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.phase, seq.finish_reason = Phase.DONE, reason
-        if seq in self.running:
-            self.running.remove(seq)
-        self.executor.free(seq.request_id)
-        self.seqs.pop(seq.request_id, None)
+    def _output(self, seq: Sequence, new_ids: list[int] | None = None, text: str = "") -> RequestOutput:
+        if seq.phase is Phase.DONE:
+            self.seqs.pop(seq.request_id, None)
+        return seq.output(new_ids or [], text)
 
-    def _reap_aborted(self) -> list[RequestOutput]:
-        out = []
-        if self._prefill is not None and self._prefill[0].aborted:
-            out.append(self._drop_prefill())
-        for seq in [s for s in list(self.waiting) + self.running if s.aborted]:
-            if seq in self.waiting:
-                self.waiting.remove(seq)
-            self._finish(seq, "abort")
-            out.append(seq.output([], ""))
-        return out
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None,
+                code: ErrorCode | None = None) -> None:
+        self.scheduler.finish(seq, reason, error, code)
 
     def _fail(self, seq: Sequence, e: BaseException) -> RequestOutput:
         """Ends a request that failed on its own account (not the engine's): it finishes with an
         error and its KV is freed; the other requests go on."""
         log.warning("request %s failed: %s: %s", seq.request_id, type(e).__name__, e,
                     exc_info=not isinstance(e, ValueError))
-        if self._prefill is not None and self._prefill[0] is seq:
-            self._prefill[1].close()
-            self._prefill = None
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        self._finish(seq, "error")
-        return seq.output([], "", error=f"the request failed: {type(e).__name__}: {str(e)[:200]}")
-
-    def _start_prefill(self, seq: Sequence) -> list[RequestOutput]:
-        """Reserves the sequence's KV and starts its prefill (advanced by `_advance_prefill`).
-        What can fail on the request's own account comes first, so a failure leaks no KV."""
-        try:
-            if seq.generator is None:
-                seq.generator = self.sampler.generator(seq.params.seed)
-        except Exception as e:           # noqa: BLE001 - the request's, e.g. a seed torch refuses
-            return [self._fail(seq, e)]
-        try:
-            self.executor.reserve(seq.request_id, seq.footprint_tokens)
-        except KVCapacityError as e:
-            if e.ever and self.running:
-                return []              # fits once running sequences finish: wait
-            self.waiting.popleft()
-            self._finish(seq, "error")
-            return [seq.output([], "", error=f"KV cache cannot hold this request: {e}")]
-        self.waiting.popleft()
-        seq.phase = Phase.PREFILL
-        try:
-            self._open_prefill(seq)
-        except Exception as e:           # noqa: BLE001
-            return [self._fail(seq, e)]
-        return []
+        self._finish(seq, FinishReason.ERROR, f"the request failed: {type(e).__name__}: {str(e)[:200]}",
+                     ErrorCode.REQUEST_FAILED)
+        return self._output(seq)
 
     def _open_prefill(self, seq: Sequence) -> None:
-        if self.on_prefill_progress:   # layers_done 0: the prefill has started (its KV is reserved)
-            self.on_prefill_progress(seq.request_id, 0, self.model_cfg.num_layers)
+        num_layers = self.model_cfg.num_layers
 
         def progress(layer: int) -> None:
             seq.prefill_layers_done += 1
             if self.on_prefill_progress:
-                self.on_prefill_progress(seq.request_id, seq.prefill_layers_done, self.model_cfg.num_layers)
-            if seq.aborted:
-                raise _Aborted
+                self.on_prefill_progress(seq.request_id, seq.prefill_layers_done, num_layers)
 
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
-        steps_fn = getattr(self.executor, "prefill_steps", None)
-        steps = steps_fn(seq.request_id, ids, progress) if steps_fn else \
-            _no_yield(lambda: self.executor.prefill(seq.request_id, ids, progress))
-        self._prefill = (seq, steps, time.perf_counter())
+        seq.prefill_t0 = time.perf_counter()
+        seq.prefill_gen = self.executor.prefill_steps(seq.request_id, ids, progress)
 
-    def _drop_prefill(self) -> RequestOutput:
-        """Ends the prefill in progress as aborted and frees its KV."""
-        seq, steps, _ = self._prefill
-        steps.close()
-        self._prefill = None
-        self._finish(seq, "abort")
-        return seq.output([], "")
-
-    def _advance_prefill(self) -> list[RequestOutput] | None:
-        """Runs the prefill in progress for up to `prefill_slice_s` while other sequences are
-        decoding (to its end when none are). Returns None while it is unfinished."""
-        seq, steps, t0 = self._prefill
+    def _prefill(self, work: list[PrefillWork]) -> list[RequestOutput]:
+        """Runs the planned prefill units (and stops once past `prefill_slice_s`, after at least
+        one). A prefill that returns samples its first token; it decodes from the next step."""
         slice_s = self.cfg.prefill_slice_s
-        deadline = time.perf_counter() + slice_s if self.running and slice_s is not None else None
-        try:
-            while True:
-                next(steps)
-                if deadline is not None and time.perf_counter() >= deadline:
-                    return None
-        except StopIteration as done:
-            logits = done.value
-        except _Aborted:
-            return [self._drop_prefill()]
-        except Exception as e:           # noqa: BLE001 - this request's prefill
-            return [self._fail(seq, e)]
-        self._prefill = None
-        self.last_step = {"prefill_tokens": len(seq.prompt_ids), "prefill_s": time.perf_counter() - t0}
-        seq.phase = Phase.DECODE
-        self.running.append(seq)
+        deadline = None if slice_s is None else time.perf_counter() + slice_s
+        sch, outputs, done_cost, ran = self.scheduler, [], 0, 0
+        for w in work:
+            seq, n, logits = w.seq, 0, None
+            if seq.phase is not Phase.PREFILL:
+                continue
+            total = sch.units_total(seq)
+            try:
+                if seq.prefill_gen is None:
+                    self._open_prefill(seq)
+                while n < w.units and not seq.aborted:
+                    if deadline is not None and ran and time.perf_counter() >= deadline:
+                        break
+                    next(seq.prefill_gen)
+                    n, ran = n + 1, ran + 1
+                    if seq.prefill_units_done + n == total:   # the last unit: write its layer, logits
+                        try:
+                            next(seq.prefill_gen)
+                            raise RuntimeError(f"prefill_steps yielded more than {total} times")
+                        except StopIteration as stop:
+                            logits = stop.value
+            except Exception as e:       # noqa: BLE001 - this request's prefill
+                outputs.append(self._fail(seq, e))
+                continue
+            done_cost += sch.cost_done(seq, seq.prefill_units_done + n) - sch.cost_done(seq, seq.prefill_units_done)
+            sch.prefill_advanced(seq, n)
+            if seq.aborted:
+                self._finish(seq, FinishReason.ABORT)
+                outputs.append(self._output(seq))
+            elif logits is not None:
+                outputs.append(self._first_token(seq, logits))
+            if deadline is not None and ran and time.perf_counter() >= deadline:
+                break
+        self._last["step_prefill_tokens"] = done_cost / self.model_cfg.num_layers
+        return outputs
+
+    def _first_token(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+        self.scheduler.prefill_done(seq)
+        self._last.update(prefill_tokens=len(seq.prompt_ids), prefill_s=time.perf_counter() - seq.prefill_t0)
         try:
             tok = self.sampler(logits, [seq.params], [seq.generator])[0]
-            return [self._append(seq, tok)]
+            return self._append(seq, tok)
         except Exception as e:           # noqa: BLE001
-            return [self._fail(seq, e)]
+            return self._fail(seq, e)
 
-    def _decode(self) -> list[RequestOutput]:
-        batch = list(self.running)
+    def _decode(self, batch: list[Sequence]) -> list[RequestOutput]:
         ids = torch.tensor([s.output_ids[-1] for s in batch], dtype=torch.long)
         positions = torch.tensor([s.num_tokens - 1 for s in batch], dtype=torch.long)
         t0 = time.perf_counter()
         logits = self.executor.decode([s.request_id for s in batch], ids, positions)   # the engine's
         errors: dict[int, Exception] = {}
         toks = self.sampler(logits, [s.params for s in batch], [s.generator for s in batch], errors)
-        self.last_step = {"decode_batch": len(batch), "decode_s": time.perf_counter() - t0}
+        self._last.update(decode_batch=len(batch), decode_s=time.perf_counter() - t0)
         out = []
         for i, (s, t) in enumerate(zip(batch, toks)):
             try:
@@ -257,7 +251,7 @@ class LLMEngine:
         text = seq.detok.delta(seq.output_ids)
         reason = None
         if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
-            reason = "stop"
+            reason = FinishReason.STOP
         elif p.stop:
             emitted = seq.detok.text
             window_start = max(0, len(emitted) - len(text) - max(map(len, p.stop)))
@@ -266,19 +260,19 @@ class LLMEngine:
                 cut = min(hits)
                 text = text[: max(0, len(text) - (len(emitted) - cut))]
                 seq.detok.text = emitted[:cut]
-                reason = "stop"
+                reason = FinishReason.STOP
         if reason is None and len(seq.output_ids) >= p.max_tokens:
-            reason = "length"
+            reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(seq, reason)
-        return seq.output([tok], text)
+        return self._output(seq, [tok], text)
 
     def add_prefilled(self, request_id: str, prompt_len: int, params: SamplingParams, kv_source,
                       first_token: int = 0) -> None:
         """Benchmarks: a sequence whose prompt KV is synthesised straight into the cache
         (`kv_source(layer, prompt_len) -> (k, v)`, each [T, Hkv, D] on the stage's device), as if
         prefilled, then decoding from `first_token`. Skips the hours a real 1M-token prefill of
-        every benchmark sequence would take; the decode step is the real one."""
+        every benchmark sequence would take; the decode step is the real one. LocalExecutor only."""
         seq = Sequence(request_id, [0] * prompt_len, params, IncrementalDetokenizer(self.tokenizer))
         self.validate(seq.prompt_ids, params)
         self.executor.reserve(request_id, seq.footprint_tokens)
@@ -286,10 +280,10 @@ class LLMEngine:
             for layer in st.backend.layer_ids:
                 k, v = kv_source(layer, prompt_len)
                 st.backend.write_prefill(layer, request_id, k, v, 0)
-        seq.phase, seq.generator = Phase.DECODE, self.sampler.generator(params.seed)
+        seq.generator = self.sampler.generator(params.seed)
         seq.output_ids.append(first_token)
         self.seqs[request_id] = seq
-        self.running.append(seq)
+        self.scheduler.adopt_running(seq)
 
     # -- convenience for the CLI and tests ------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "0"):

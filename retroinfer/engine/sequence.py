@@ -1,13 +1,16 @@
-"""A request's life inside the engine, and what the engine reports about it."""
+"""A request's life inside the engine: QUEUED (admitted, waiting) -> PREFILL (KV reserved) ->
+DECODE (in the running batch) -> DONE."""
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-
+from .protocol import ErrorCode, FinishReason, RequestOutput
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDetokenizer
+
+__all__ = ["Phase", "RequestOutput", "Sequence"]
 
 
 class Phase(str, enum.Enum):
@@ -17,30 +20,26 @@ class Phase(str, enum.Enum):
     DONE = "done"
 
 
-@dataclass
-class RequestOutput:
-    request_id: str
-    token_ids: list[int]            # new this step
-    text: str                       # new this step
-    finished: bool = False
-    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    detok: IncrementalDetokenizer
-    generator: torch.Generator | None = None
+    detok: IncrementalDetokenizer | None = None
+    generator: Any = None                    # its torch.Generator (made before its KV is reserved)
     output_ids: list[int] = field(default_factory=list)
     phase: Phase = Phase.QUEUED
     prefill_layers_done: int = 0
+    prefill_units_done: int = 0              # chunks x layers (see PrefillWork)
+    prefill_gen: Any = None                  # the executor's prefill generator, once opened
+    prefill_t0: float = 0.0
+    kv_reserved: bool = False                # the executor holds its KV
+    arrival: int = 0                         # admission order (FCFS)
     aborted: bool = False
-    finish_reason: str | None = None
+    setup_error: BaseException | None = None   # failed before its KV was reserved (e.g. its seed)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    error_code: ErrorCode | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +50,6 @@ class Sequence:
         """Tokens whose KV the sequence may hold at its end: reserved up front."""
         return len(self.prompt_ids) + self.params.max_tokens
 
-    def output(self, new_ids: list[int], text: str, error: str | None = None) -> RequestOutput:
-        return RequestOutput(self.request_id, new_ids, text, self.phase is Phase.DONE,
-                             self.finish_reason, error, len(self.prompt_ids), len(self.output_ids))
+    def output(self, new_ids: list[int], text: str) -> RequestOutput:
+        return RequestOutput(self.request_id, new_ids, text, self.phase is Phase.DONE, self.finish_reason,
+                             self.error, len(self.prompt_ids), len(self.output_ids), self.error_code)

@@ -36,8 +36,11 @@ class Stage:
         self.device = torch.device(device)
         self.dtype = parse_dtype(cfg.dtype or model_cfg.dtype)
         self.shard = ModelShard.load(cfg.model, model_cfg, layer_ids, self.device, self.dtype, cfg.seed)
-        # Prefill of max_model_len tokens needs the residual and one layer's K/V besides the cache.
+        # Prefills in flight (max_model_len tokens of long prompts, besides short ones of at most the
+        # step's prefill budget each: see engine/scheduler.py) need their residual and one layer's
+        # K/V besides the cache.
         max_len = cfg.max_model_len or model_cfg.max_position_embeddings
+        max_len += (cfg.prefill_budget_tokens or 0) * cfg.max_batch
         elem = torch.tensor([], dtype=self.dtype).element_size()
         headroom = max_len * (model_cfg.hidden_size + 2 * model_cfg.num_kv_heads * model_cfg.head_dim) * elem
         headroom += cfg.prefill_chunk * (3 * model_cfg.hidden_size + 2 * model_cfg.intermediate_size) * elem * 2
