@@ -11,7 +11,10 @@ never fits a 400. It returns an asyncio.Queue that receives the request's messag
    "prompt_tokens", "completion_tokens", "error_code"}     one engine step's worth
 
 Delivery crosses threads with `loop.call_soon_threadsafe`. `abort` is thread-safe; the engine frees
-the request's KV at its next step.
+the request's KV at its next step. Each output is timed as it is delivered (the end of the engine
+step that made it) into `metrics` (`prometheus.RequestMetrics`: TTFT, inter-token latency, ...).
+While idle the loop still refreshes its stats (and `on_step`) about once a second, so gauges fed
+from them keep reporting the idle values.
 
 A request that fails on its own account finishes with an error inside the engine (which frees its
 KV) and the others go on. An exception out of `engine.step()` is the engine's: every admitted
@@ -30,6 +33,8 @@ from dataclasses import asdict
 from retroinfer.engine.protocol import AdmissionError
 from retroinfer.engine.sampling import SamplingParams
 
+from .prometheus import ENGINE_KEYS, RequestMetrics
+
 log = logging.getLogger("ray.serve.retroinfer")    # the replica's log under Serve
 
 
@@ -46,10 +51,13 @@ class Rejected(Exception):
 
 
 class EngineLoop:
-    def __init__(self, engine, *, on_step=None, stats_interval_s: float = 0.25, log_interval_s: float = 30.0):
+    def __init__(self, engine, *, on_step=None, on_finish=None, stats_interval_s: float = 0.25,
+                 log_interval_s: float = 30.0):
         self.engine = engine
         self.engine.on_prefill_progress = self._on_progress
         self.on_step = on_step                      # callback(stats) on the loop thread (metrics)
+        self.on_finish = on_finish                  # callback(reason, tokens, ttft_s) as a request ends
+        self.metrics = RequestMetrics()
         self.stats_interval_s = stats_interval_s
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.engine.reject_when_full = True         # the engine's KV ledger answers 429 for no room now
@@ -86,6 +94,7 @@ class EngineLoop:
             if request_id in self._streams:
                 raise Rejected(400, "invalid_request", f"request id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self.metrics.admitted(request_id, len(prompt_ids))     # before the engine thread can see it
         try:   # validates once and admits through the engine's KV ledger (`kv_bytes`: the ingress's figure)
             self.engine.add_request(request_id, prompt_ids, params)
         except AdmissionError as e:   # NO_ROOM_NOW: 429 kv_cache_full; NEVER_FITS: 400 kv_capacity_exceeded
@@ -98,6 +107,11 @@ class EngineLoop:
         self._wake.set()
         return q
 
+    def metrics_report(self) -> dict:
+        """The request metrics' snapshot and the engine's wave-buffer numbers (`engine`)."""
+        s = self.stats
+        return {**self.metrics.snapshot(), "engine": {k: s[k] for k in ENGINE_KEYS if s.get(k) is not None}}
+
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
         self._wake.set()
@@ -109,8 +123,8 @@ class EngineLoop:
         return {"ts": time.time(), "capacity_bytes": self.capacity_bytes, "used_bytes": used,
                 "outstanding_bytes": outstanding,
                 "free_bytes": max(0, self.capacity_bytes - max(used, outstanding)),
-                "num_requests": len(self._streams), "waiting": s.get("waiting", 0), "running": s.get("running", 0),
-                "healthy": self.healthy}
+                "num_requests": len(self._streams), "waiting": s.get("waiting", 0),
+                "prefilling": s.get("prefilling", 0), "running": s.get("running", 0), "healthy": self.healthy}
 
     def shutdown(self) -> None:
         self._stop = True
@@ -121,6 +135,15 @@ class EngineLoop:
     def _forget(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
+        self.metrics.forget(request_id)
+
+    def _record(self, request_id: str, completion_tokens: int, finished: bool, reason, t: float) -> None:
+        try:
+            done = self.metrics.output(request_id, completion_tokens, finished, reason, t)
+            if done is not None and self.on_finish is not None:
+                self.on_finish(*done)
+        except Exception:   # metrics must never take the loop down
+            log.exception("recording metrics failed")
 
     def _send(self, request_id: str, msg: dict, last: bool = False) -> None:
         with self._lock:
@@ -136,6 +159,8 @@ class EngineLoop:
             pass
 
     def _on_progress(self, request_id: str, done: int, total: int) -> None:
+        if done == 0:     # its KV is reserved: the prefill starts
+            self.metrics.scheduled(request_id)
         self._send(request_id, {"type": "progress", "layers_done": done, "num_layers": total})
 
     def _engine_stats(self) -> dict:
@@ -168,9 +193,8 @@ class EngineLoop:
         idle = True
         while not self._stop:
             if not self.engine.has_work():
-                if not idle:
-                    self._refresh_stats(force=True)    # KV was just freed: report it now
-                idle = True
+                self._refresh_stats(force=not idle)    # just idle: KV was freed, report it now; then
+                idle = True                            # about once a second, so gauges stay set
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
@@ -191,7 +215,9 @@ class EngineLoop:
                 self._fail_all(f"internal error in the engine: {type(e).__name__}")
                 time.sleep(0.5)      # the step that frees the aborted requests' KV may fail again
                 continue
+            t = time.perf_counter()          # when this step's tokens became available
             for out in outputs:
+                self._record(out.request_id, out.completion_tokens, out.finished, out.finish_reason, t)
                 self._send(out.request_id, {"type": "output", **asdict(out)}, last=out.finished)
             self._refresh_stats()
             self._log_timing()
@@ -209,8 +235,10 @@ class EngineLoop:
     def _fail_all(self, message: str) -> None:
         with self._lock:
             ids = list(self._streams)
+        t = time.perf_counter()
         for rid in ids:
             self.engine.abort(rid)
+            self._record(rid, 0, True, "error", t)
             self._send(rid, {"type": "output", "request_id": rid, "token_ids": [], "text": "", "finished": True,
                              "finish_reason": "error", "error": message, "prompt_tokens": 0,
                              "completion_tokens": 0, "error_code": None}, last=True)

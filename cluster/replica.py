@@ -68,7 +68,8 @@ class LLMReplica:
             self.metrics = ReplicaMetrics(self.replica_id, opts.model_name)
         except Exception:   # metrics are optional (no Ray metrics agent, e.g. some test setups)
             log.warning("metrics disabled", exc_info=True)
-        self.loop = EngineLoop(self.engine, on_step=self.metrics.on_step if self.metrics else None)
+        self.loop = EngineLoop(self.engine, on_step=self.metrics.on_step if self.metrics else None,
+                               on_finish=self.metrics.on_finish if self.metrics else None)
         log.info("replica %s: %s, %d stage(s) via %s executor, KV capacity %d bytes", self.replica_id,
                  cfg.model, opts.stages, opts.executor, self.loop.capacity_bytes)
 
@@ -99,18 +100,19 @@ class LLMReplica:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: dict, kv_bytes: int,
                        exclude: list[str] | None = None, target: str | None = None):
-        """`exclude` / `target` are read by the router, not here."""
-        t0 = time.perf_counter()
+        """`exclude` / `target` are read by the router, not here. The engine loop times the
+        request's outputs (`loop.metrics`); a refusal is counted here."""
         try:
             q = self.loop.submit(request_id, prompt_ids, SamplingParams(**params), int(kv_bytes))
         except (Rejected, ValueError) as e:
             r = e if isinstance(e, Rejected) else Rejected(400, "invalid_request", str(e))
+            self.loop.metrics.rejected(r.code)
             if self.metrics:
                 self.metrics.on_finish("rejected_%d" % r.status, 0, None)
             yield [{**r.to_message(self.opts.retry_after_s), "replica": self.replica_id}]
             return
         yield [{"type": "accepted", "replica": self.replica_id}]
-        last, ttft = None, None
+        last = None
         try:
             while last is None or not last["finished"]:
                 batch = [await q.get()]
@@ -119,17 +121,10 @@ class LLMReplica:
                 outs = [m for m in batch if m["type"] == "output"]
                 if outs:
                     last = outs[-1]
-                    if ttft is None and any(m["token_ids"] for m in outs):
-                        ttft = time.perf_counter() - t0
                 yield batch
         finally:
             if last is None or not last["finished"]:
-                self.loop.abort(request_id)      # cancelled by the caller: free the KV
-                outcome, n = "cancelled", (last or {}).get("completion_tokens", 0)
-            else:
-                outcome, n = last["finish_reason"] or "stop", last["completion_tokens"]
-            if self.metrics:
-                self.metrics.on_finish(outcome, n, ttft)
+                self.loop.abort(request_id)      # cancelled by the caller: free the KV (it ends as "abort")
 
     def abort(self, request_id: str, target: str | None = None) -> None:
         """Aborts a request whose caller is gone without cancelling its call (an ingress that died
@@ -137,7 +132,9 @@ class LLMReplica:
         self.loop.abort(request_id)
 
     def record_routing_stats(self) -> dict:
-        return {**self.loop.routing_stats(), "replica": self.replica_id}
+        """Polled by Serve every `routing_stats_period_s`, busy or idle: the router's KV figures, and
+        `metrics` (request counters and histograms) that the ingress serves at /metrics."""
+        return {**self.loop.routing_stats(), "replica": self.replica_id, "metrics": self.loop.metrics_report()}
 
     def check_health(self) -> None:
         if not self.loop.healthy:
@@ -156,8 +153,9 @@ class LLMReplica:
                 "stats": {k: v for k, v in stats.items() if k != "stages"},
                 "routing": self.loop.routing_stats()}
 
-    def ping(self) -> bool:
-        return True
+    def ping(self, exclude: list[str] | None = None) -> bool:
+        """Whether this replica's engine can take requests (`exclude` is read by the router)."""
+        return self.loop.healthy
 
     def __del__(self):
         loop = getattr(self, "loop", None)

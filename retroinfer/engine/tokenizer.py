@@ -18,8 +18,8 @@ class ByteTokenizer:
     def eos_token_ids(self) -> list[int]:
         return [self.eos_id]
 
-    def encode(self, text: str) -> list[int]:
-        return [self.bos_id] + list(text.encode("utf-8"))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [self.bos_id] * add_special_tokens + list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
         out, run = [], bytearray()
@@ -34,9 +34,9 @@ class ByteTokenizer:
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
-        return self.encode(text)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        return self.encode(text + "<|assistant|>\n" * add_generation_prompt)
 
 
 class HFTokenizer:
@@ -57,16 +57,16 @@ class HFTokenizer:
     def eos_token_ids(self) -> list[int]:
         return [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if not getattr(self.tok, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
