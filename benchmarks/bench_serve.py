@@ -4,6 +4,18 @@ rate, end-to-end throughput, and how many requests the cluster turned away (429)
   python benchmarks/bench_serve.py                       # starts deployments/tiny.yaml locally
   python benchmarks/bench_serve.py --url http://host:8000 --prompt-tokens 32000 --max-tokens 256
 
+Trace mode (`--trace`, see serve_trace.py): one fixed arrival trace replayed into the engine in
+process and over HTTP (a server started here from the same arguments, or `--url`), with the same
+engine config (`deployments/app.py`'s `plan_replica` of the same args); prints both, aggregate
+tok/s, TTFT p50/p99, ITL p50/p99 (and p99 of the gaps while another request waited for its first
+token), and the HTTP / in-process ratio:
+
+  python benchmarks/bench_serve.py --trace --model tiny --device cpu --streams 4 --prompt-tokens 2000 \
+      --max-tokens 64 --in-process-only
+  python benchmarks/bench_serve.py --trace --model random:llama3-8b --attention wave --device cuda \
+      --max-batch 8 --max-model-len 40000 --warmup-tokens 2048 32000 --prompt-tokens 32000 \
+      --max-tokens 512 --streams 8 --repeat 2
+
 Prints a table and writes JSON to benchmarks/results/ with the command line, versions and device.
 """
 from __future__ import annotations
@@ -20,6 +32,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 async def one(client: httpx.AsyncClient, body: dict) -> dict:
@@ -71,7 +84,7 @@ def summarize(results: list[dict], wall_s: float) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server; default: start deployments/<--config> here")
-    p.add_argument("--config", default="tiny.yaml")
+    p.add_argument("--config", help="a deployments/ YAML (default tiny.yaml; --trace: the app's defaults)")
     p.add_argument("--replicas", type=int, help="override num_replicas when starting locally")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)
@@ -82,7 +95,28 @@ def main() -> int:
                    help="requests sent one by one before timing (the first compiles kernels, captures graphs)")
     p.add_argument("--name", default="serve", help="result file name prefix")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    t = p.add_argument_group("trace mode")
+    t.add_argument("--trace", action="store_true", help="replay one arrival trace in process and over HTTP")
+    t.add_argument("--streams", type=int, default=8, help="requests in the trace")
+    t.add_argument("--gap-s", type=float, default=0.0, help="seconds between arrivals")
+    t.add_argument("--rate", type=float, help="Poisson arrivals per second instead (fixed seed)")
+    t.add_argument("--trace-file", type=Path, help='JSON [{"arrival_s", "prompt_tokens", "max_tokens"}, ...]')
+    t.add_argument("--repeat", type=int, default=1, help="replays of the trace per mode (the first after warm-up)")
+    t.add_argument("--in-process-only", action="store_true")
+    t.add_argument("--http-only", action="store_true")
+    t.add_argument("--plot", action="store_true", help="per-stream ITL over time, a PNG beside the JSON")
+    for flag, kind in (("model", str), ("attention", str), ("device", str), ("dtype", str), ("max-batch", int),
+                       ("max-model-len", int), ("kv-pool-gb", float), ("gpu-kv-gb", float), ("prefill-chunk", int),
+                       ("prefill-slice-s", float), ("gpus-per-replica", int)):
+        t.add_argument(f"--{flag}", type=kind, help="engine / app argument (deployments/app.py AppArgs)")
+    t.add_argument("--prefill-budget", help="prefill_budget_tokens: tokens per step, or 'none'")
+    t.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--warmup-tokens", type=int, nargs="*", help="warm-up request lengths (both modes)")
     a = p.parse_args()
+    if a.trace:
+        from serve_trace import trace_main
+        return trace_main(a)
+    a.config = a.config or "tiny.yaml"
 
     url, started = a.url, False
     if url is None:

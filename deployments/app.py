@@ -46,6 +46,9 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(-1, ge=-1)            # per caller of the engine deployment; then 429
     max_ongoing_requests: int = Field(64, ge=1)            # concurrent requests per engine replica
     prefill_chunk: int | None = Field(None, ge=1)
+    prefill_budget_tokens: int | None = Field(EngineConfig.prefill_budget_tokens, ge=1)   # prefill per engine step
+                                                          # (engine/scheduler.py); null: unbounded
+    prefill_slice_s: float | None = Field(None, ge=0)     # and a time cap on it
     seed: int = 0
     wave: dict[str, float] | None = None                   # WaveConfig overrides
     executor: Literal["auto", "local", "ray"] = "auto"     # auto: in-process for one stage
@@ -147,6 +150,7 @@ def plan_replica(a: AppArgs, resources: dict) -> tuple[EngineConfig, dict, dict]
                        max_batch=a.max_batch, max_model_len=a.max_model_len, offload=offload,
                        kv_budget_bytes=gpu_kv if offload else pool, host_kv_budget_bytes=pool if offload else None,
                        prefill_chunk=a.prefill_chunk or EngineConfig.prefill_chunk,
+                       prefill_budget_tokens=a.prefill_budget_tokens, prefill_slice_s=a.prefill_slice_s,
                        wave=a.wave_config(), seed=a.seed)
     if executor == "local":      # compute in the replica process: it holds every stage's resources
         head = {"CPU": a.num_cpus_per_replica + a.cpus_per_stage * stages}
