@@ -170,7 +170,7 @@ def main() -> None:
     bw = hbm_bandwidth()
     cfg = EngineConfig(model=resolve_model(a.model), attention=a.attention, dtype=a.dtype, device="cuda",
                        max_batch=max(batches) or 16, max_model_len=max(contexts) + a.warmup + a.steps + 64,
-                       prefill_chunk=8192, prefill_slice_s=None,
+                       prefill_chunk=8192, prefill_budget_tokens=None,
                        wave=WaveConfig(cache_fraction=a.cache_fraction, cache_slot_rows=a.cache_slot_rows),
                        offload=a.offload,
                        host_kv_budget_bytes=int(a.host_kv_gb * 2**30) if a.host_kv_gb else None)

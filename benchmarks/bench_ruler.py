@@ -748,7 +748,7 @@ def main(argv=None) -> int:
         outputs["http"] = outs
         sys_info["http"] = {"url": a.server, "served_model": served, "wall_s": wall}
     else:
-        base = dict(model=model, dtype=a.dtype, device=a.device, max_batch=a.max_batch, prefill_slice_s=None,
+        base = dict(model=model, dtype=a.dtype, device=a.device, max_batch=a.max_batch, prefill_budget_tokens=None,
                     kv_budget_bytes=int(a.kv_budget_gb * 2**30) if a.kv_budget_gb else None,
                     host_kv_budget_bytes=int(a.host_kv_gb * 2**30) if a.host_kv_gb else None)
         for name, cfg in system_configs(systems, base).items():
