@@ -29,8 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -60,6 +58,7 @@ async def run(url: str, a) -> list[dict]:
     prompt = [65 + i % 26 for i in range(a.prompt_tokens)] if a.token_ids else "x" * a.prompt_tokens
     body = {"prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
+    import httpx   # here: the GPU machines run the in-process trace without it
     sem = asyncio.Semaphore(a.concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=None) as client:
         async def guarded():
