@@ -195,14 +195,15 @@ class LLMEngine:
                 while n < w.units and not seq.aborted:
                     if deadline is not None and ran and time.perf_counter() >= deadline:
                         break
-                    next(seq.prefill_gen)
-                    n, ran = n + 1, ran + 1
-                    if seq.prefill_units_done + n == total:   # the last unit: write its layer, logits
-                        try:
+                    try:
+                        next(seq.prefill_gen)
+                        n, ran = n + 1, ran + 1
+                        if seq.prefill_units_done + n == total:   # after the last unit: its layer's KV, logits
                             next(seq.prefill_gen)
                             raise RuntimeError(f"prefill_steps yielded more than {total} times")
-                        except StopIteration as stop:
-                            logits = stop.value
+                    except StopIteration as stop:
+                        logits = stop.value
+                        break
             except Exception as e:       # noqa: BLE001 - this request's prefill
                 outputs.append(self._fail(seq, e))
                 continue
