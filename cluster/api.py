@@ -1,5 +1,6 @@
 """The HTTP ingress: OpenAI-compatible completions and chat (SSE streaming or whole), jobs for long
-contexts, models, health, and the replicas' KV state.
+contexts, models, vLLM's /tokenize, /detokenize and /version, health, Prometheus metrics (every
+engine replica's latest report, `prometheus.py`), and the replicas' KV state.
 
 A request is tokenised and checked here (`frontend.py`), then sent to the engine deployment with its
 KV footprint, which the router (`router.py`) places. The replica answers accepted or rejected
@@ -18,12 +19,13 @@ from dataclasses import asdict
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from . import guard as G
+from . import prometheus
 from . import protocol as P
 from .frontend import Frontend, Prepared
 from .jobs import PHASES, JobManager
@@ -34,11 +36,24 @@ log = logging.getLogger("ray.serve")
 HEALTH_PING_S = 2.0     # how long /health waits for an engine replica to answer
 
 
-async def engine_ready(known_replicas: list, ping, timeout_s: float) -> bool:
-    """Whether an engine replica has reported its state, or answers ``ping()`` within timeout_s
-    (Serve holds a call while no replica has finished starting, so a slow answer means starting)."""
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("retroinfer")
+    except PackageNotFoundError:      # a source tree that was not installed
+        return "unknown"
+
+
+async def engine_ready(known_replicas: list | None, ping, timeout_s: float) -> bool:
+    """Whether an engine replica can take work. A replica that the router lists has finished
+    starting (model loaded, warm-up run); its latest report says whether its engine loop is
+    healthy (a replica that has not reported yet counts as healthy). If the router lists
+    replicas and every one reports a failed engine, none can (Serve is replacing them). If it
+    lists none (no router in this process yet, or Serve starting them), whether one answers
+    ``ping()`` True within timeout_s: Serve holds a call while no replica runs, so a slow answer
+    means starting, and a replica whose engine failed answers False."""
     if known_replicas:
-        return True
+        return any(r.get("healthy", True) is not False for r in known_replicas)
     try:
         return bool(await asyncio.wait_for(ping(), timeout_s))
     except Exception as e:   # noqa: BLE001 - timed out, or no replica yet: starting, not an error
@@ -233,11 +248,41 @@ class Ingress:
     # -- OpenAI-compatible routes ---------------------------------------------------------------
     @app.get("/health")
     async def health(self):
-        """200 once an engine replica can take requests (model loaded, warm-up run), else 503: the
-        HTTP proxy and this ingress are up long before a large model is."""
-        ready = await engine_ready(self.replicas(), self.engine.ping.remote, HEALTH_PING_S)
-        body = {"status": "ok" if ready else "starting", "model": self.front.model_name}
+        """200 while an engine replica can take requests (model loaded, warm-up run, engine loop
+        running), else 503: "starting" while Serve runs no engine replica (the HTTP proxy and this
+        ingress are up long before a large model is), "unhealthy" while every one it runs
+        reports a failed engine (Serve replaces them)."""
+        reps = self.replicas()
+        ready = await engine_ready(reps, self.engine.ping.remote, HEALTH_PING_S)
+        reps = self.replicas() or reps
+        healthy = sum(r.get("healthy", True) is not False for r in reps)
+        status = "ok" if ready else ("unhealthy" if reps else "starting")
+        body = {"status": status, "model": self.front.model_name, "replicas": len(reps), "healthy_replicas": healthy}
         return body if ready else JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics(self):
+        """Prometheus text: every engine replica's latest report (at most one routing-stats period
+        old), a series per replica. Open, like /health: scrapers send no API key."""
+        if replica_stats(self.app_name, self.engine_name) is None:   # one call creates this process's router
+            try:
+                await asyncio.wait_for(self.engine.ping.remote(), HEALTH_PING_S)
+            except Exception as e:   # noqa: BLE001 - no replica yet: the families, without series
+                log.debug("metrics: no engine replica answered: %r", e)
+        return PlainTextResponse(prometheus.render(self.front.model_name, self.replicas()),
+                                 media_type=prometheus.CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version(self):
+        return {"version": _version()}
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: P.TokenizeRequest):
+        return self.front.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: P.DetokenizeRequest):
+        return self.front.detokenize(body)
 
     @app.get("/v1/models")
     async def models(self):
@@ -315,4 +360,6 @@ class Ingress:
             reps = self.replicas()
         if detail:   # one call at a time: concurrent calls under one request context hang (see jobs.py)
             reps = [await asyncio.wait_for(self.engine.info.remote(target=r["replica"]), 30) for r in reps]
+        else:        # their request metrics are /metrics's
+            reps = [{k: v for k, v in r.items() if k != "metrics"} for r in reps]
         return {"model": self.front.model_name, "bytes_per_token": self.front.bytes_per_token, "replicas": reps}

@@ -13,7 +13,8 @@ from retroinfer.engine.llm_engine import check_request, load_model_config
 from retroinfer.engine.sampling import SamplingParams
 from retroinfer.engine.tokenizer import load_tokenizer
 
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, JobRequest, SamplingFields
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, JobRequest,
+                       SamplingFields, TokenizeRequest)
 
 
 @dataclass
@@ -64,18 +65,49 @@ class Frontend:
             ids = self._encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         return self._prepare("job", ids, body, body.max_tokens or self.default_max_tokens)
 
-    def _encode(self, text: str) -> list[int]:
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        """vLLM's /tokenize: the ids a completion (`prompt`) or a chat (`messages`) would send."""
+        self.check_model(body.model)
+        if body.messages is None:
+            ids = self._encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        else:
+            ids = self._chat_ids(body.messages, body.add_generation_prompt)
+            if body.add_special_tokens:      # the tokenizer's own (a BOS) on top of the template's
+                ids = self._encode("", add_special_tokens=True) + ids
+        strs = None
+        if body.return_token_strs:
+            hf = getattr(self.tokenizer, "tok", None)
+            strs = hf.convert_ids_to_tokens(ids) if hasattr(hf, "convert_ids_to_tokens") else \
+                [self.tokenizer.decode([i]) for i in ids]
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        """vLLM's /detokenize: the text of token ids (special tokens skipped, as in completions)."""
+        self.check_model(body.model)
+        vocab = self.model_cfg.vocab_size
+        for i, t in enumerate(body.tokens):
+            if not 0 <= t < vocab:
+                raise APIError(400, f"tokens.{i}: token id {t} is outside the vocabulary (size {vocab})",
+                               code="invalid_request", param="tokens")
+        try:
+            return {"prompt": self.tokenizer.decode(body.tokens)}
+        except Exception as e:     # noqa: BLE001 - e.g. an id past the tokenizer's own vocabulary
+            raise APIError(400, f"tokens: cannot be decoded: {type(e).__name__}: {str(e)[:200]}",
+                           code="invalid_request", param="tokens") from None
+
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a text prompt; text that is not valid Unicode (a lone surrogate such as
         "\\ud800", which JSON can carry) is a 400, not a failure of the server."""
         try:
-            return self.tokenizer.encode(text)
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         except ValueError as e:     # UnicodeEncodeError is one
             raise APIError(400, f"the prompt cannot be encoded: {type(e).__name__}: {e}",
                            code="invalid_prompt", param="prompt") from None
 
-    def _chat_ids(self, messages) -> list[int]:
+    def _chat_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
         try:
-            return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages])
+            return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                                                      add_generation_prompt=add_generation_prompt)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_prompt", param="messages") from None
 

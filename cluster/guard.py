@@ -3,8 +3,10 @@ parsed, who may call and how much a request may ask of the server. Each refusal 
 OpenAI-style JSON error:
 
 - **401** `invalid_api_key`: API keys are configured (`api_key` in the deployment args, or
-  `RETROINFER_API_KEY`) and a `/v1/*` request has no `Authorization: Bearer <key>` with one of
-  them. `/health` stays open. The key's SHA-256 becomes the request's `state.owner`, so jobs
+  `RETROINFER_API_KEY`) and a request for `/v1/*`, `/tokenize` or `/detokenize` (`GUARDED`) has no
+  `Authorization: Bearer <key>` with one of them. `/health`, `/metrics` and `/version` stay open
+  (probes and Prometheus send no key; vLLM leaves everything outside `/v1` open, its tokenizer
+  routes included: here those do work on the ingress for whoever calls, so they take the key). The key's SHA-256 becomes the request's `state.owner`, so jobs
   belong to the key that made them (the same hash as `jobs_store.owner_of`); no key, no owner.
 - **413** `body_too_large`: the body is over `max_body_bytes`, by its Content-Length (refused
   before a byte of it is read) or as it arrives (chunked).
@@ -34,6 +36,7 @@ from .protocol import APIError
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20   # 1M token ids as JSON are about 8 MB ("128000, " per token)
 BODY_METHODS = ("POST", "PUT", "PATCH")
+GUARDED = ("/v1", "/tokenize", "/detokenize")    # these paths and those below them need a key
 
 
 def key_hash(api_key: str) -> str:
@@ -109,7 +112,7 @@ class Guard:
         if not s.key_hashes:
             return None
         path = scope["path"]
-        if not (path == "/v1" or path.startswith("/v1/")):
+        if not any(path == p or path.startswith(p + "/") for p in GUARDED):
             return None
         auth = _header(scope, b"authorization")
         scheme, _, key = auth.partition(" ")

@@ -1,5 +1,8 @@
 """Replica metrics through `ray.util.metrics` (exported by Ray's Prometheus endpoint, prefixed
-`ray_`): queue depth, KV bytes, prefill / decode throughput, cache hit ratio, request outcomes."""
+`ray_`): queue depth, KV bytes, prefill / decode throughput, cache hit ratio, request outcomes.
+The engine loop calls `on_step` (also about once a second while idle, so the gauges stay exported)
+and `on_finish` (with the TTFT it measured). The serving port's own `/metrics`, vLLM's metric set,
+is `prometheus.py`'s."""
 from __future__ import annotations
 
 

@@ -10,7 +10,7 @@ import functools
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -75,7 +75,8 @@ def _field_path(loc) -> str:
 @functools.cache
 def _field_names() -> frozenset[str]:
     return frozenset(name for model in (CompletionRequest, ChatCompletionRequest, JobRequest, ChatMessage,
-                                        ContentPart, StreamOptions) for name in model.model_fields)
+                                        ContentPart, StreamOptions, TokenizeRequest, DetokenizeRequest)
+                     for name in model.model_fields)
 
 
 class StreamOptions(BaseModel):
@@ -194,6 +195,34 @@ class JobRequest(SamplingFields):
         for m in self.messages or []:
             m.text()
         return self
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `POST /tokenize`: a `prompt` (as a completion encodes it) or `messages` (as a chat
+    does). `add_special_tokens` defaults to True for a prompt and False for messages (the chat
+    template writes its own; True adds the tokenizer's on top of it)."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        for m in self.messages or []:
+            m.text()
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `POST /detokenize`: token ids back to text."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[StrictInt]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
