@@ -56,15 +56,12 @@ def _params(req: Req) -> dict:
 
 
 # -- in process -------------------------------------------------------------------------------------
-def warm_up(engine, lengths: list[int]) -> None:
-    """As the replica does before it serves: one request of each length, 4 tokens, to the end."""
-    from retroinfer.engine.sampling import SamplingParams
-    for n in lengths:
-        n = max(1, min(n, engine.max_model_len - 4))
-        engine.add_request(f"__warmup_{n}__", [65 + i % 26 for i in range(n)],
-                           SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-        while engine.has_work():
-            engine.step()
+def warm_up(engine, lengths: list[int]) -> list:
+    """The replica's warm-up (`retroinfer.engine.warmup.warm_up`, which `cluster/replica.py` runs
+    before it says healthy): max_batch requests of each length, every decode batch size, the mixed
+    step. Returns its reports."""
+    from retroinfer.engine.warmup import warm_up as engine_warm_up
+    return engine_warm_up(engine, lengths)
 
 
 def replay_engine(engine, trace: list[Req]) -> list[dict]:
@@ -237,8 +234,11 @@ def run_in_process(args: dict, trace: list[Req], repeat: int) -> tuple[dict, dic
     import torch
     engine, app, cfg = engine_from_args(args)
     t0 = time.perf_counter()
-    warm_up(engine, list(app.warmup_tokens))
-    info = {"engine_config": asdict(cfg), "warmup_s": time.perf_counter() - t0}
+    reports = warm_up(engine, list(app.warmup_tokens))
+    info = {"engine_config": asdict(cfg), "warmup_s": time.perf_counter() - t0,
+            "warmup": [{"tokens": r.tokens, "requests": r.requests, "batch_sizes": r.batch_sizes,
+                        "buckets": r.buckets, "mixed_steps": r.mixed_steps, "graphs": len(r.graphs),
+                        "seconds": round(r.seconds, 3), "error": r.error} for r in reports]}
     runs = {f"in_process{'' if i == 0 else f'#{i + 1}'}": replay_engine(engine, trace) for i in range(repeat)}
     del engine
     gc.collect()

@@ -37,7 +37,7 @@ class ReplicaOptions:
     num_threads: int | None = None   # torch threads for in-process CPU compute
     retry_after_s: float = 1.0
     model_name: str = "model"
-    warmup_tokens: tuple[int, ...] = ()   # a synthetic request of each length before serving
+    warmup_tokens: tuple[int, ...] = ()   # before serving, max_batch synthetic requests of each length
 
 
 def _replica_id() -> str:
@@ -60,8 +60,8 @@ class LLMReplica:
                                            num_cpus=opts.stage_num_cpus, num_gpus=opts.stage_num_gpus,
                                            micro_batches=opts.micro_batches)
         self.engine = LLMEngine(cfg, executor=executor)
-        for n in opts.warmup_tokens:
-            self._warm_up(n)
+        if opts.warmup_tokens:
+            self._warm_up(opts.warmup_tokens)
         self.metrics = None
         try:
             from .metrics import ReplicaMetrics
@@ -73,30 +73,30 @@ class LLMReplica:
         log.info("replica %s: %s, %d stage(s) via %s executor, KV capacity %d bytes", self.replica_id,
                  cfg.model, opts.stages, opts.executor, self.loop.capacity_bytes)
 
-    def _warm_up(self, tokens: int) -> None:
-        """Runs one synthetic request to completion before the replica takes traffic, so that the
-        first user request does not pay for kernel compilation, first allocations and graph
-        capture (on a fresh H100 machine the first 2048-token request took about 20 s, mostly
-        Triton compiling; a longer length compiles the variants of its larger shapes)."""
-        eng = self.engine
-        n = max(1, min(tokens, eng.max_model_len - 4))
-        vocab = eng.model_cfg.vocab_size
+    def _warm_up(self, lengths) -> None:
+        """Before the replica takes traffic (and says healthy): for each length, max_batch requests
+        through the ordinary scheduling path, joining one at a time (`engine/warmup.py`), so that
+        the Triton compiles and CUDA-graph captures of every decode batch bucket and of the mixed
+        step (a prefill chunk beside a decode batch) happen here, not inside user requests. On an
+        H200 (8B, wave, 32K prompts) a warm-up of one lone request left 3-5.6 s decode stalls in the
+        first replay, each time the batch reached a size the warm-up had not decoded."""
+        from retroinfer.engine.warmup import warm_up
+        cap = self.engine.cfg.max_batch
+
+        def said(rep) -> None:
+            if rep.error and not rep.requests:     # e.g. more KV than the replica holds
+                log.warning("replica %s: warm-up of %d tokens failed, serving without it: %s",
+                            self.replica_id, rep.tokens, rep.error)
+                return
+            log.info("replica %s: warm-up of %d tokens: %s", self.replica_id, rep.tokens, rep.summary())
+            if rep.error or rep.requests < cap:
+                log.warning("replica %s: warm-up of %d tokens covered %d of max_batch %d request(s)%s",
+                            self.replica_id, rep.tokens, rep.requests, cap,
+                            f": {rep.error}" if rep.error else " (the KV holds no more of them)")
+
         t0 = time.perf_counter()
-        error = None
-        try:
-            eng.add_request("__warmup__", [1 + (7 * i) % (vocab - 1) for i in range(n)],
-                            SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-            while eng.has_work():
-                for out in eng.step():
-                    error = out.error or error
-        except ValueError as e:
-            error = str(e)
-        if error:    # e.g. more KV than the replica holds: serve without this warm-up
-            log.warning("replica %s: warm-up request of %d tokens failed, serving without it: %s",
-                        self.replica_id, n, error)
-        else:
-            log.info("replica %s: warm-up request of %d tokens in %.1f s", self.replica_id, n,
-                     time.perf_counter() - t0)
+        warm_up(self.engine, list(lengths), log=said)
+        log.info("replica %s: warm-up done in %.1f s", self.replica_id, time.perf_counter() - t0)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: dict, kv_bytes: int,
                        exclude: list[str] | None = None, target: str | None = None):
