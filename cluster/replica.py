@@ -80,8 +80,8 @@ class LLMReplica:
         step (a prefill chunk beside a decode batch) happen here, not inside user requests. On an
         H200 (8B, wave, 32K prompts) a warm-up of one lone request left 3-5.6 s decode stalls in the
         first replay, each time the batch reached a size the warm-up had not decoded."""
-        from retroinfer.engine.warmup import warm_up
-        cap = self.engine.cfg.max_batch
+        from retroinfer.engine.warmup import default_batch, warm_up
+        cap = default_batch(self.engine)     # 1 on a CPU: nothing there compiles per batch size
 
         def said(rep) -> None:
             if rep.error and not rep.requests:     # e.g. more KV than the replica holds
@@ -90,7 +90,7 @@ class LLMReplica:
                 return
             log.info("replica %s: warm-up of %d tokens: %s", self.replica_id, rep.tokens, rep.summary())
             if rep.error or rep.requests < cap:
-                log.warning("replica %s: warm-up of %d tokens covered %d of max_batch %d request(s)%s",
+                log.warning("replica %s: warm-up of %d tokens covered %d of %d request(s)%s",
                             self.replica_id, rep.tokens, rep.requests, cap,
                             f": {rep.error}" if rep.error else " (the KV holds no more of them)")
 

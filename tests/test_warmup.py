@@ -25,7 +25,7 @@ def test_warm_up_decodes_every_batch_bucket_and_the_mixed_step(attention):
     kw = dict(offload=True, host_kv_budget_bytes=1 << 24, kv_budget_bytes=1 << 26,
               wave=WaveConfig(**SMALL_WAVE)) if attention == "wave" else {}
     eng = _engine(attention=attention, **kw)
-    reps = warm_up(eng, [300, 40])
+    reps = warm_up(eng, [300, 40], batch=eng.cfg.max_batch)
     for rep in reps:
         assert rep.error is None and rep.requests == 5
         assert rep.batch_sizes == [1, 2, 3, 4, 5]          # up, one join at a time, and down again
@@ -42,7 +42,7 @@ def test_warm_up_covers_what_the_kv_holds_and_reports_what_never_fits():
     from retroinfer.engine.llm_engine import load_model_config
     per_token = load_model_config("tiny").kv_bytes_per_token(torch.float32)
     eng = _engine(kv_budget_bytes=per_token * 900)         # two 300-token requests and their decode
-    big, part = warm_up(eng, [5000, 300])
+    big, part = warm_up(eng, [5000, 300], batch=eng.cfg.max_batch)
     assert big.requests == 0 and big.error and not big.batches
     assert part.requests == 2 and part.batch_sizes == [1, 2] and part.error is None
     assert not eng.has_work() and eng.stats()["used_bytes"] == 0
