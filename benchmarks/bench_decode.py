@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hbm_bandwidth, table, write_result  # noqa: E402
 
-from retroinfer.config import EngineConfig, WaveConfig, fraction_or_auto  # noqa: E402
+from retroinfer.config import ATTENTIONS, EngineConfig, WaveConfig, fraction_or_auto  # noqa: E402
 from retroinfer.engine.llm_engine import LLMEngine  # noqa: E402
 from retroinfer.engine.sampling import SamplingParams  # noqa: E402
 from retroinfer.models.catalog import resolve_model  # noqa: E402
@@ -139,7 +139,7 @@ def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="random:llama3-8b")
-    ap.add_argument("--attention", default="full", choices=["full", "wave"])
+    ap.add_argument("--attention", default="full", choices=list(ATTENTIONS))
     ap.add_argument("--context", default="32768", help="comma-separated context lengths (a sweep)")
     ap.add_argument("--batches", default="1,4,16", help="comma-separated; 'max': the largest that fits")
     ap.add_argument("--steps", type=int, default=32)

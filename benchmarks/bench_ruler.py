@@ -42,8 +42,13 @@ hence the batches are the same for every system). Systems:
   wave-offload  the same with the KV in host memory (the wave buffer): `--offload`
   wave-100      WaveConfig(retrieval_frac=1.0, estimation_frac=0.0): every cluster exact, so it
                 must equal full token for token; `same_as_full` is the share of identical outputs
-  quest         a Quest-style page top-k backend, when the engine has one (it has none yet: the
-                run says so and leaves it out)
+  quest         Quest page top-k (attention "quest", retroinfer/attention/quest.py): pages of 16
+                tokens ranked per query head by the min/max key bound, the last page and the first
+                (sink) page always chosen, exact attention over the chosen pages only; at wave's
+                token budget: at every step as many tokens as wave attends exactly then (sink +
+                window + decoded tokens not yet indexed + ceil(1.8% of C) clusters of 16 tokens),
+                `config.wave_exact_tokens`; `--quest-budget` sets another (a share or tokens). The
+                results record its budget rule and the tokens it meant per length.
 `--server URL` sends the same prompts through a running server's /v1/chat/completions with the
 `openai` client (temperature 0, the same max_tokens) and scores them the same way (system "http";
 the tokenizer of `--model` still fits the lengths, so give the model the server serves).
@@ -74,7 +79,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, table, write_result  # noqa: E402
 
-from retroinfer.config import ConfigError, EngineConfig, WaveConfig  # noqa: E402
+from retroinfer.config import ConfigError, EngineConfig, QuestConfig, WaveConfig  # noqa: E402
 
 WORDS_DIR = Path(__file__).resolve().parent / "ruler_words"
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768)
@@ -510,20 +515,41 @@ def make_samples(tok, tasks: list[str], lengths: list[int], samples: int, seed: 
 
 
 # -- running the systems ----------------------------------------------------------------------
-def system_configs(names: list[str], base: dict) -> dict[str, EngineConfig]:
+def system_configs(names: list[str], base: dict, quest_budget: float | None = None) -> dict[str, EngineConfig]:
+    """`quest` runs beside `wave`'s WaveConfig (its default budget is wave's exact share)."""
     wave100 = WaveConfig(retrieval_frac=1.0, estimation_frac=0.0)
     mk = {"full": dict(attention="full"), "wave": dict(attention="wave", wave=WaveConfig()),
           "wave-offload": dict(attention="wave", wave=WaveConfig(), offload=True),
-          "wave-100": dict(attention="wave", wave=wave100), "quest": dict(attention="quest")}
+          "wave-100": dict(attention="wave", wave=wave100),
+          "quest": dict(attention="quest", wave=WaveConfig(), quest=QuestConfig(budget=quest_budget))}
     return {n: EngineConfig(**base, **mk[n]) for n in names}
 
 
 def quest_available() -> bool:
+    """Whether this engine has the quest backend (a checkout from before it has not)."""
     try:
         EngineConfig(attention="quest")
     except ConfigError:
         return False
     return True
+
+
+def quest_budget_info(cfg: EngineConfig, samples: list[Sample]) -> dict:
+    """The quest system's budget: its rule, and per length the mean tokens it attends per query
+    head at the first and at the last possible decode step."""
+    q = cfg.quest
+    rule = ("wave's exactly attended tokens at each step (config.wave_exact_tokens: sink + window + decoded "
+            "tokens not yet indexed + ceil(retrieval_frac * C) clusters of tokens_per_cluster tokens)"
+            if q.budget is None else
+            f"{q.budget:g} of the context" if q.budget <= 1 else f"{q.budget:g} tokens")
+    per_len = {}
+    for L in sorted({s.length for s in samples}):
+        batch = [s for s in samples if s.length == L]
+        at = lambda n_of: sum(min(q.budget_tokens(cfg.wave, s.prompt_tokens, n_of(s)), n_of(s))   # noqa: E731
+                              for s in batch) / len(batch)
+        per_len[str(L)] = {"first_step": at(lambda s: s.prompt_tokens + 1),
+                           "last_step": at(lambda s: s.prompt_tokens + s.max_tokens)}
+    return {**asdict(q), "rule": rule, "tokens": per_len}
 
 
 def _stop_token_ids(tok) -> list[int]:
@@ -666,7 +692,10 @@ def main(argv=None) -> int:
                     help=f"default {' '.join(DEFAULT_TASKS)}; 'ruler' = all of {', '.join(TASKS)}")
     ap.add_argument("--systems", nargs="+", default=None,
                     choices=["full", "wave", "wave-offload", "wave-100", "quest"],
-                    help="default: full wave wave-100 (+ wave-offload with --offload, + quest if the engine has it)")
+                    help="default: full wave wave-100 quest (+ wave-offload with --offload)")
+    ap.add_argument("--quest-budget", type=float, default=None,
+                    help="quest: tokens per query head, a share of the context in (0, 1] or a count "
+                         "(default: wave's exactly attended tokens at each step)")
     ap.add_argument("--offload", action="store_true", help="also run wave-offload (KV in host memory)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--haystack", default="essay", choices=["essay", "docs"],
@@ -701,9 +730,8 @@ def main(argv=None) -> int:
         systems = ["full", "wave"] + (["wave-offload"] if a.offload else []) + ["wave-100"] + \
             (["quest"] if has_quest else [])
     notes = []
-    if not has_quest and not a.server:
-        notes.append("quest: no Quest-style backend in the engine (retroinfer/attention has full and wave); "
-                     "left out, not emulated")
+    if not has_quest and not a.server:      # an engine from before attention/quest.py
+        notes.append("quest: no Quest-style backend in this engine; left out, not emulated")
         systems = [s for s in systems if s != "quest"]
     if a.server:
         systems = ["http"]
@@ -751,7 +779,7 @@ def main(argv=None) -> int:
         base = dict(model=model, dtype=a.dtype, device=a.device, max_batch=a.max_batch, prefill_budget_tokens=None,
                     kv_budget_bytes=int(a.kv_budget_gb * 2**30) if a.kv_budget_gb else None,
                     host_kv_budget_bytes=int(a.host_kv_gb * 2**30) if a.host_kv_gb else None)
-        for name, cfg in system_configs(systems, base).items():
+        for name, cfg in system_configs(systems, base, a.quest_budget).items():
             t0 = time.perf_counter()
             engine = LLMEngine(cfg)
             load_s = time.perf_counter() - t0
@@ -772,6 +800,10 @@ def main(argv=None) -> int:
             sys_info[name] = {"attention": cfg.attention, "offload": cfg.offload,
                               "wave": asdict(cfg.wave) if cfg.attention == "wave" else None,
                               "load_s": load_s, "wall_s": wall, "stats": stats}
+            if cfg.attention == "quest":
+                sys_info[name]["quest"] = info = quest_budget_info(cfg, samples)
+                log(f"quest budget: {info['rule']}; tokens per query head (first / last step): "
+                    + ", ".join(f"{L}: {t['first_step']:.0f} / {t['last_step']:.0f}" for L, t in info["tokens"].items()))
 
     summary = summarise(samples, outputs, tasks)
     for name in outputs:
@@ -797,8 +829,9 @@ def main(argv=None) -> int:
     for name in outputs:
         extra = f", same as full {summary[name]['same_as_full']:.0%}" if "same_as_full" in summary[name] else ""
         log(f"{name}: mean {summary[name]['mean']:.2f}{extra}")
-    if "wave" in summary and "full" in summary:
-        log(f"wave - full: {summary['wave']['mean'] - summary['full']['mean']:+.2f} points")
+    for name in ("wave", "quest"):
+        if name in summary and "full" in summary:
+            log(f"{name} - full: {summary[name]['mean'] - summary['full']['mean']:+.2f} points")
 
     cases = [{"task": s.task, "length": s.length, "index": s.index, "prompt_tokens": s.prompt_tokens,
               "max_tokens": s.max_tokens, "answers": s.answers, "metric": s.metric,

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from retroinfer.config import ConfigError, EngineConfig, WaveConfig
+from retroinfer.config import ConfigError, EngineConfig, QuestConfig, WaveConfig
 from retroinfer.models.catalog import display_name, resolve_model
 
 logger = logging.getLogger("ray.serve")
@@ -30,7 +30,7 @@ class AppArgs(BaseModel):
 
     model: str = "tiny"                     # HF directory, GGUF file, catalog name, "tiny" or "random:<arch>"
     served_model_name: str | None = None    # default: the catalog name, GGUF stem or directory name
-    attention: Literal["full", "wave"] = "full"
+    attention: Literal["full", "wave", "quest"] = "full"
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
     device: Literal["cpu", "cuda"] | None = None   # default: cuda if the cluster has GPUs
     num_replicas: int = Field(1, ge=1)
@@ -51,6 +51,7 @@ class AppArgs(BaseModel):
     prefill_slice_s: float | None = Field(None, ge=0)     # and a time cap on it
     seed: int = 0
     wave: dict[str, float] | None = None                   # WaveConfig overrides
+    quest: dict[str, float | bool | None] | None = None    # QuestConfig overrides (attention quest)
     executor: Literal["auto", "local", "ray"] = "auto"     # auto: in-process for one stage
     micro_batches: int | None = Field(None, ge=1)          # decode micro-batches (default: stages)
     replicas_per_numa_node: int | None = Field(None, ge=1)
@@ -125,6 +126,22 @@ class AppArgs(BaseModel):
                 raise ValueError(str(e)) from None
         return self
 
+    @model_validator(mode="after")
+    def _quest(self):
+        if self.quest:
+            bad = sorted(set(self.quest) - set(QuestConfig.__dataclass_fields__))
+            if bad:
+                raise ValueError(f"unknown quest option(s) {bad}; known: {sorted(QuestConfig.__dataclass_fields__)}")
+            try:
+                self.quest_config()
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+    def quest_config(self) -> QuestConfig:
+        ints = {"page_size", "dense_layers"}
+        return QuestConfig(**{k: int(v) if k in ints else v for k, v in (self.quest or {}).items()})
+
     def wave_config(self) -> WaveConfig:
         ints = {k for k, f in WaveConfig.__dataclass_fields__.items() if f.type in ("int", int)}
         return WaveConfig(**{k: int(v) if k in ints else v for k, v in (self.wave or {}).items()})
@@ -151,7 +168,7 @@ def plan_replica(a: AppArgs, resources: dict) -> tuple[EngineConfig, dict, dict]
                        kv_budget_bytes=gpu_kv if offload else pool, host_kv_budget_bytes=pool if offload else None,
                        prefill_chunk=a.prefill_chunk or EngineConfig.prefill_chunk,
                        prefill_budget_tokens=a.prefill_budget_tokens, prefill_slice_s=a.prefill_slice_s,
-                       wave=a.wave_config(), seed=a.seed)
+                       wave=a.wave_config(), quest=a.quest_config(), seed=a.seed)
     if executor == "local":      # compute in the replica process: it holds every stage's resources
         head = {"CPU": a.num_cpus_per_replica + a.cpus_per_stage * stages}
         if gpu:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, EngineConfig, WaveConfig, fraction_or_auto
+from .config import ATTENTIONS, ConfigError, EngineConfig, QuestConfig, WaveConfig, fraction_or_auto
 from .models.catalog import CATALOG, resolve_model
 from .models.presets import PRESETS
 
@@ -95,7 +95,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         f"catalog name ({', '.join(CATALOG)}: pulled once), 'tiny' (random weights, for tests) or "
         f"'random:<arch>' (<arch>: {', '.join(n for n in PRESETS if n != 'tiny')}; the real shapes "
         "with random weights, for benchmarks)"))
-    p.add_argument("--attention", default="full", choices=["full", "wave"], help="decode attention")
+    p.add_argument("--attention", default="full", choices=list(ATTENTIONS),
+                   help="decode attention (quest: page top-k, the accuracy baseline)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--devices", help="comma-separated devices to split the layers over (pipeline stages)")
@@ -115,16 +116,25 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(WaveConfig):
         g.add_argument("--wave-" + f.name.replace("_", "-"), dest="wave_" + f.name,
                        type=_WAVE_ARG_TYPES.get(f.type, int), help=f"{_WAVE_HELP[f.name]} (default: {f.default})")
+    g = p.add_argument_group("quest page top-k (attention=quest)")
+    g.add_argument("--quest-budget", type=positive_float, help="tokens attended per query head: a share "
+                   "of the context in (0, 1] or a token count (default: wave's exactly attended tokens)")
+    g.add_argument("--quest-page-size", type=positive_int,
+                   help=f"tokens per page, a power of two >= 16 (default: {QuestConfig.page_size})")
+    g.add_argument("--quest-dense-layers", type=int,
+                   help=f"first layers attending fully (default: {QuestConfig.dense_layers}; Quest's paper: 2)")
 
 
 def engine_config(a: argparse.Namespace) -> EngineConfig:
     wave = WaveConfig(**{f.name: getattr(a, "wave_" + f.name) for f in dataclasses.fields(WaveConfig)
                          if getattr(a, "wave_" + f.name, None) is not None})
+    quest = QuestConfig(**{n: getattr(a, "quest_" + n) for n in ("budget", "page_size", "dense_layers")
+                           if getattr(a, "quest_" + n, None) is not None})
     return EngineConfig().with_overrides(
         model=a.model, attention=a.attention, dtype=a.dtype, device=a.device,
         devices=tuple(a.devices.split(",")) if a.devices else None, max_batch=a.max_batch,
         max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk, cuda_graphs=a.cuda_graphs,
-        kv_budget_bytes=int(a.kv_budget_gb * 2**30) if a.kv_budget_gb else None, wave=wave,
+        kv_budget_bytes=int(a.kv_budget_gb * 2**30) if a.kv_budget_gb else None, wave=wave, quest=quest,
         offload=a.offload, host_kv_budget_bytes=int(a.host_kv_gb * 2**30) if a.host_kv_gb else None)
 
 

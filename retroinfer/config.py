@@ -179,13 +179,65 @@ class WaveConfig:
 
 
 @dataclass(frozen=True)
+class QuestConfig:
+    """Quest page top-k (Tang et al. 2024, arXiv 2406.10774), attention/quest.py. `budget` is the
+    tokens each query head attends per decode step: None = wave's exactly attended tokens at that
+    step under the engine's WaveConfig (its steady zone plus its retrieval zone: `wave_exact_tokens`),
+    a number in (0, 1] = that share of the context, a larger one = that many tokens."""
+    budget: float | None = None
+    page_size: int = 16                # tokens per page (Quest's 16; the paged kernel's least)
+    sink_page: bool = True             # the first page (wave's sink tokens) is always chosen
+    dense_layers: int = 0              # the first layers attend fully (Quest's paper: 2)
+
+    def __post_init__(self):
+        checks = [
+            (self.budget is None or self.budget > 0, "budget must be > 0 (a share <= 1, or tokens)"),
+            (self.page_size >= 16 and self.page_size & (self.page_size - 1) == 0,
+             "page_size must be a power of two >= 16"),
+            (self.dense_layers >= 0, "dense_layers must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"quest config: {msg}")
+
+    def budget_tokens(self, wave: WaveConfig, prompt: int, length: int) -> int:
+        """Tokens to attend at a decode step of a sequence of `length` tokens (this step's one
+        included) whose prompt had `prompt` tokens."""
+        if self.budget is None:
+            return wave_exact_tokens(wave, prompt, length)
+        return math.ceil(self.budget * length) if self.budget <= 1 else math.ceil(self.budget)
+
+
+def wave_exact_tokens(wave: WaveConfig, prompt: int, length: int) -> int:
+    """Tokens wave attention attends exactly at the decode step of `length` tokens: its steady zone
+    (sink + window + decoded tokens not yet indexed, or the whole sequence while the prompt was too
+    short to index) replayed from attention/wave.py's bookkeeping, plus its retrieval zone, the top
+    ceil(C * retrieval_frac) clusters of C = indexed / tokens_per_cluster, tokens_per_cluster
+    tokens each (nominal: the mean cluster size)."""
+    r, u = wave.sink + wave.window, wave.update_every
+    steady0 = r if prompt - r >= u else prompt          # after prefill (wave.write_prefill)
+    x = steady0 + (length - prompt - 1)                 # before this step, had no update run
+    steady = (x if x < r + u else r + (x - r) % u) + 1  # an update moves the oldest u tokens out
+    indexed = length - steady
+    if indexed <= 0:
+        return length
+    per = wave.tokens_per_cluster
+    return steady + min(indexed, per * max(1, math.ceil(wave.retrieval_frac * indexed / per)))
+
+
+ATTENTIONS = ("full", "wave", "quest")      # the decode attention backends (attention/base.make_backend)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str = "tiny"                  # a Hugging Face directory, or "tiny"
     dtype: str | None = None             # default: the checkpoint's (tiny: float32)
     device: str | None = None            # default: cuda if available, else cpu
     devices: tuple[str, ...] = ()        # split layers across these in order (pipeline stages)
-    attention: str = "full"              # "full" or "wave"
+    attention: str = "full"              # "full", "wave" or "quest"
     wave: WaveConfig = field(default_factory=WaveConfig)
+    quest: QuestConfig = field(default_factory=QuestConfig)   # attention "quest" (its default budget
+                                                              # reads `wave`)
     max_batch: int = 16                  # decode batch
     max_model_len: int | None = None     # default: the model's max_position_embeddings
     kv_budget_bytes: int | None = None   # default: what the device can hold
@@ -202,8 +254,8 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.attention not in ("full", "wave"):
-            raise ConfigError(f"attention must be 'full' or 'wave', not {self.attention!r}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"attention must be one of {', '.join(map(repr, ATTENTIONS))}, not {self.attention!r}")
         if self.max_batch < 1 or self.prefill_chunk < 1:
             raise ConfigError("max_batch and prefill_chunk must be >= 1")
         if self.prefill_budget_tokens is not None and self.prefill_budget_tokens < 1:

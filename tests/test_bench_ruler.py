@@ -202,15 +202,24 @@ def test_end_to_end_tiny(monkeypatch, capsys):
     (name, data), = written
     assert name == "ruler_tiny"
     out = capsys.readouterr().out
-    assert "quest: no Quest-style backend" in out and "same_as_full" in out
+    assert "no Quest-style backend" not in out and "same_as_full" in out and "quest budget: wave's" in out
     s = data["systems"]
-    assert set(s) == {"full", "wave", "wave-100"} and data["model_md5"] == {}
+    assert set(s) == {"full", "wave", "wave-100", "quest"} and data["model_md5"] == {}
     for name in s:
         row = s[name]["scores"]["1280"]
         assert set(row) == {"niah_single", "fwe", "mean"} and s[name]["errors"] == 0
-        assert s[name]["wave"] is None if name == "full" else s[name]["wave"]["retrieval_frac"] > 0
+        if name in ("full", "quest"):
+            assert s[name]["wave"] is None
+        else:
+            assert s[name]["wave"]["retrieval_frac"] > 0
     assert s["wave-100"]["wave"]["retrieval_frac"] == 1.0 and s["wave-100"]["wave"]["estimation_frac"] == 0.0
     assert s["wave-100"]["same_as_full"] == 1.0, "every cluster exact must give full attention's tokens"
+    # quest at wave's exact share: past wave's index minimum, a sparse choice (tokens well under the prompt)
+    q = s["quest"]
+    assert q["attention"] == "quest" and q["quest"]["budget"] is None and q["quest"]["page_size"] == 16
+    first = q["quest"]["tokens"]["1280"]["first_step"]
+    assert 69 + 16 < first < 400, first           # sink + window + 1, plus ceil(1.8% of ~75 clusters) = 2 of 16
+    assert q["stats"]["1280"]["quest_page_size"] == 16 and "same_as_full" in q
     assert len(data["cases"]) == 2
     for c in data["cases"]:
         assert c["prompt_tokens"] + 4 <= 1280 and set(c["outputs"]) == set(s)

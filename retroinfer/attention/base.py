@@ -6,7 +6,7 @@ from typing import Any, Hashable
 
 import torch
 
-from ..config import ModelConfig, WaveConfig
+from ..config import ModelConfig, QuestConfig, WaveConfig
 
 
 def pow2_bucket(n: int) -> int:
@@ -75,12 +75,16 @@ class AttentionBackend(ABC):
 
 def make_backend(name: str, cfg: ModelConfig, layer_ids: range, device, dtype,
                  kv_budget_bytes: int, wave: WaveConfig | None = None, max_seqs: int = 16,
-                 host_kv_budget_bytes: int | None = None) -> AttentionBackend:
+                 host_kv_budget_bytes: int | None = None, quest: QuestConfig | None = None) -> AttentionBackend:
+    if name in ("full", "quest") and host_kv_budget_bytes is not None:
+        raise ValueError("KV offload to host memory needs attention 'wave'")
     if name == "full":
-        if host_kv_budget_bytes is not None:
-            raise ValueError("KV offload to host memory needs attention 'wave'")
         from .full import FullAttention
         return FullAttention(cfg, layer_ids, device, dtype, kv_budget_bytes)
+    if name == "quest":      # its default budget is wave's exact share under `wave`
+        from .quest import QuestAttention
+        return QuestAttention(cfg, layer_ids, device, dtype, kv_budget_bytes, quest or QuestConfig(),
+                              wave or WaveConfig())
     if name == "wave":
         from .wave import WaveAttention
         return WaveAttention(cfg, layer_ids, device, dtype, kv_budget_bytes, wave or WaveConfig(), max_seqs,

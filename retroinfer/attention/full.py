@@ -70,30 +70,37 @@ class PagedPlan:
 
 
 class FullAttention(AttentionBackend):
+    page_size = PAGE                           # tokens per page (a subclass may set its own first)
+
     def __init__(self, cfg, layer_ids, device, dtype, kv_budget_bytes: int):
         super().__init__(cfg, layer_ids, device, dtype)
-        num_pages = max(1, kv_budget_bytes // (self.bytes_per_token * PAGE))
+        num_pages = max(1, kv_budget_bytes // self.page_bytes)
         self.scratch_page = num_pages          # never allocated: padding of plans and CUDA graphs
-        shape = (num_pages + 1, PAGE, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_pages + 1, self.page_size, cfg.num_kv_heads, cfg.head_dim)
         self.k = {li: torch.empty(shape, device=self.device, dtype=dtype) for li in layer_ids}
         self.v = {li: torch.empty(shape, device=self.device, dtype=dtype) for li in layer_ids}
         self.pages = PageAllocator(num_pages)
         self.tables: dict[Hashable, np.ndarray] = {}   # a sequence's pages (host memory only)
         self.seq_len: dict[Hashable, int] = {}
 
+    @property
+    def page_bytes(self) -> int:
+        """Device bytes of one page over this backend's layers (its share of the KV budget)."""
+        return self.bytes_per_token * self.page_size
+
     def reserve(self, seq_id, num_tokens):
-        self.tables[seq_id] = np.array(self.pages.alloc(-(-num_tokens // PAGE)), dtype=np.int32)
+        self.tables[seq_id] = np.array(self.pages.alloc(-(-num_tokens // self.page_size)), dtype=np.int32)
         self.seq_len[seq_id] = 0
 
     def write_prefill(self, layer, seq_id, k, v, start):
         T = k.shape[0]
-        first = start // PAGE
-        pages = torch.from_numpy(self.tables[seq_id][first:-(-(start + T) // PAGE)])
+        first = start // self.page_size
+        pages = torch.from_numpy(self.tables[seq_id][first:-(-(start + T) // self.page_size)])
         pos = torch.arange(start, start + T, device=self.device)
         # A pageable non-blocking copy is staged by the driver before it returns: no stream sync.
-        slot = pages.to(self.device, non_blocking=True).long()[pos // PAGE - first]
-        self.k[layer][slot, pos % PAGE] = k
-        self.v[layer][slot, pos % PAGE] = v
+        slot = pages.to(self.device, non_blocking=True).long()[pos // self.page_size - first]
+        self.k[layer][slot, pos % self.page_size] = k
+        self.v[layer][slot, pos % self.page_size] = v
         if layer == self.layer_ids[-1]:
             self.seq_len[seq_id] = start + T
 
@@ -103,7 +110,7 @@ class FullAttention(AttentionBackend):
         non-blocking copies recorded on it have completed: no step overwrites a plan in flight."""
         n = len(seq_ids)
         lens = np.fromiter((self.seq_len[s] for s in seq_ids), dtype=np.int64, count=n)
-        batch, width = pow2_bucket(n), pow2_bucket(-(-(int(lens.max()) + 1) // PAGE))
+        batch, width = pow2_bucket(n), pow2_bucket(-(-(int(lens.max()) + 1) // self.page_size))
         buf = torch.empty(_packed_size(batch, width), dtype=torch.int64,
                           pin_memory=self.device.type == "cuda")
         a = buf.numpy()
@@ -117,9 +124,9 @@ class FullAttention(AttentionBackend):
         lengths.fill(1)                        # padded rows: one scratch token each
         lengths[:n] = lens + 1
         a[:batch] = self.scratch_page          # write_page
-        a[:n] = table[np.arange(n), lens // PAGE]
+        a[:n] = table[np.arange(n), lens // self.page_size]
         a[batch:2 * batch] = 0                 # write_off
-        a[batch:batch + n] = lens % PAGE
+        a[batch:batch + n] = lens % self.page_size
         return PagedPlan(list(seq_ids), buf, batch, width, n)
 
     def graph_key(self, plan: PagedPlan) -> int:
@@ -147,7 +154,7 @@ class FullAttention(AttentionBackend):
         self.seq_len.pop(seq_id, None)
 
     def stats(self):
-        page_bytes = self.bytes_per_token * PAGE
+        page_bytes = self.page_bytes
         used = self.pages.num_pages - len(self.pages.free_pages)
         return {"capacity_bytes": self.pages.num_pages * page_bytes, "used_bytes": used * page_bytes,
                 "sequences": len(self.tables)}

@@ -49,7 +49,7 @@ class Stage:
         if cfg.offload:
             host_budget = cfg.host_kv_budget_bytes or default_host_budget()
         self.backend = make_backend(cfg.attention, model_cfg, layer_ids, self.device, self.dtype,
-                                    budget, cfg.wave, cfg.max_batch, host_budget)
+                                    budget, cfg.wave, cfg.max_batch, host_budget, cfg.quest)
         self.graphs = None
         if cfg.cuda_graphs and self.device.type == "cuda" and hasattr(self.backend, "static_plan"):
             from .cuda_graph import DecodeGraphs
