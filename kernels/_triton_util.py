@@ -1,4 +1,5 @@
-"""Shared plumbing of the Triton kernels: optional import, dispatch rule, lazy jit.
+"""Shared plumbing of the Triton kernels: optional import, dispatch rule, lazy jit and jit helpers,
+host-side integer helpers and the base-2 constants.
 
 Dispatch rule (every public kernel function follows it):
 
@@ -10,7 +11,9 @@ Dispatch rule (every public kernel function follows it):
 
 Triton decides between compiling and interpreting when ``@triton.jit`` runs, i.e. at import time of
 the kernel module. ``lazy_jit`` defers that choice to launch time, so the environment variable works
-whatever imported ``retroinfer.kernels`` (or triton) first.
+whatever imported ``retroinfer.kernels`` (or triton) first. Device functions that several kernels
+call are ``jit_helper``s: compiled, Triton inlines them, so a helper that issues the same ops in the
+same order as the inline code leaves the kernel's machine code as it was.
 """
 
 from __future__ import annotations
@@ -83,8 +86,9 @@ def _interpreter_compat():
 
     * Triton's own ``@jit`` library functions (``tl.max``, ``tl.cdiv``...) are built when
       ``triton`` is imported, as compiled ``JITFunction``s unless ``TRITON_INTERPRET=1`` was set by
-      then, and a ``JITFunction`` refuses calls outside a compiled kernel. For the launch only,
-      such calls run through the interpreter, as they would have had the variable been set.
+      then, our ``jit_helper`` functions always are, and a ``JITFunction`` refuses calls outside a
+      compiled kernel. For the launch only, such calls run through the interpreter, as they would
+      have had the variable been set.
     * Older interpreters (triton 3.6) turn a one-element array into a loop bound with
       ``int(array)``, which numpy refuses for shape ``(1,)``: read its single element instead.
     """
@@ -92,23 +96,22 @@ def _interpreter_compat():
     from triton.runtime.jit import JITFunction
 
     saved = []
-    if isinstance(getattr(tl.standard, "max", None), JITFunction):
-        cache = {}
+    cache = {}
 
-        def call(self, *args, **kwargs):
-            f = cache.get(self.fn)
-            if f is None:
-                f = cache[self.fn] = interp.InterpretedFunction(self.fn).rewrite()
-            # InterpretedFunction.__call__ would leave triton.language.core patched for good,
-            # breaking later compiled launches in this process: undo the patch after the call.
-            scope = interp._patch_lang(self.fn)
-            try:
-                return f(*args, **kwargs)
-            finally:
-                if hasattr(scope, "restore"):
-                    scope.restore()
-        saved.append((JITFunction, "__call__", JITFunction.__call__))
-        JITFunction.__call__ = call
+    def call(self, *args, **kwargs):
+        f = cache.get(self.fn)
+        if f is None:
+            f = cache[self.fn] = interp.InterpretedFunction(self.fn).rewrite()
+        # InterpretedFunction.__call__ would leave triton.language.core patched for good,
+        # breaking later compiled launches in this process: undo the patch after the call.
+        scope = interp._patch_lang(self.fn)
+        try:
+            return f(*args, **kwargs)
+        finally:
+            if hasattr(scope, "restore"):
+                scope.restore()
+    saved.append((JITFunction, "__call__", JITFunction.__call__))
+    JITFunction.__call__ = call
 
     patch_tensor = getattr(interp, "_patch_lang_tensor", None)
     if patch_tensor is not None:
@@ -131,15 +134,37 @@ def _interpreter_compat():
 
 
 def lazy_jit(fn):
-    """Decorator used instead of ``@triton.jit`` on every kernel body (no nested jit helpers)."""
+    """Decorator used instead of ``@triton.jit`` on every kernel body (launched as ``kernel[grid]``)."""
     return LazyKernel(fn)
 
 
+def jit_helper(fn):
+    """Decorator used instead of ``@triton.jit`` on a device function that kernels call.
+
+    The helper is a plain ``JITFunction`` whatever the environment: a compiled kernel inlines it
+    (it takes part in the kernel's cache key), and an interpreted ``LazyKernel`` launch runs it
+    through the interpreter (``_interpreter_compat``). Without Triton it stays the Python function,
+    never called (every launcher then takes its torch reference).
+    """
+    if triton is None:
+        return fn
+    from triton.runtime.jit import JITFunction
+    return JITFunction(fn)
+
+
+LOG2E = 1.4426950408889634
+"""log2(e): the kernels score in base 2 (``exp(x) = exp2(x * LOG2E)``; exp2 is one instruction)."""
+LN2 = 0.6931471805599453
+"""ln(2): turns a base-2 log-sum-exp back into the natural log that partial states carry."""
+
+
 def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block shapes must be powers of two."""
     return 1 << max(0, int(n) - 1).bit_length()
 
 
 def cdiv(a: int, b: int) -> int:
+    """Ceiling division of integers (host side; ``tl.cdiv`` in kernels)."""
     return -(-a // b)
 
 
@@ -155,10 +180,13 @@ def num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def pick_splits(programs: int, max_splits: int, device: torch.device, waves: int = 4) -> int:
-    """Splits of the reduction axis so that ``programs * splits`` fills the GPU ``waves`` times."""
-    want = cdiv(waves * num_sms(device), max(1, programs))
-    return max(1, min(want, max_splits))
+def pick_splits(programs: int, max_splits: int, device: torch.device, waves: int = 4,
+                num_splits: int | None = None) -> int:
+    """Splits of the reduction axis: ``num_splits`` when the caller overrides it, else enough that
+    ``programs * splits`` fills the GPU ``waves`` times; either way within ``[1, max_splits]``."""
+    if num_splits is None:
+        num_splits = cdiv(waves * num_sms(device), max(1, programs))
+    return max(1, min(int(num_splits), max_splits))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -24,9 +24,23 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_util import lazy_jit, next_pow2, tl, use_triton
+from ._triton_util import jit_helper, lazy_jit, next_pow2, tl, use_triton
 
-TUNE = {"block_ids": 2048, "block_slots": 4096}   # largest chunks of ids / of slots a loop step takes
+# Launch parameters: the caps of the chunks of ids and of slot stamps that one loop step takes (a
+# smaller problem takes one chunk of its own size, at least MIN_BLOCK), and warps.
+TUNE = {"block_ids": 2048, "block_slots": 4096, "num_warps": 8}
+MIN_BLOCK = 16
+
+
+@jit_helper
+def _ids_chunk(ids_ptr, j0, offs_i, n, R, h, stride_is, stride_ih):
+    """Entries ``j0 + offs_i`` of head h's ids in (s, r) order: (in range, s, r, cluster id or -1)."""
+    j = j0 + offs_i
+    m = j < n
+    s = (j // R).to(tl.int64)
+    r = j % R
+    cid = tl.load(ids_ptr + s * stride_is + h * stride_ih + r, mask=m, other=-1).to(tl.int64)
+    return m, s, r, cid
 
 
 @lazy_jit
@@ -51,11 +65,7 @@ def _cache_plan_kernel(
     n_valid = 0
     n_miss = 0
     for j0 in range(0, n, BLOCK_I):
-        j = j0 + offs_i
-        m = j < n
-        s = (j // R).to(tl.int64)
-        r = j % R
-        cid = tl.load(ids_ptr + s * stride_is + h * stride_ih + r, mask=m, other=-1).to(tl.int64)
+        m, s, r, cid = _ids_chunk(ids_ptr, j0, offs_i, n, R, h, stride_is, stride_ih)
         valid = cid >= 0
         slot = tl.load(so + cid, mask=valid, other=-1)
         hit = valid & (slot >= 0)
@@ -115,11 +125,7 @@ def _cache_plan_kernel(
     # 3. admissions
     ranked = 0
     for j0 in range(0, n, BLOCK_I):
-        j = j0 + offs_i
-        m = j < n
-        s = (j // R).to(tl.int64)
-        r = j % R
-        cid = tl.load(ids_ptr + s * stride_is + h * stride_ih + r, mask=m, other=-1).to(tl.int64)
+        m, s, r, cid = _ids_chunk(ids_ptr, j0, offs_i, n, R, h, stride_is, stride_ih)
         out = (s * H + h) * R + r
         miss = (cid >= 0) & (tl.load(read_ptr + out, mask=m, other=0) < 0)
         rank = ranked + tl.cumsum(miss.to(tl.int32), axis=0) - 1
@@ -200,9 +206,9 @@ def cache_plan(ids: torch.Tensor, slot_of: torch.Tensor, cluster_of: torch.Tenso
         ids, slot_of, cluster_of, last_use, clock, victims, read, write, hit,
         stats if stats is not None else clock,
         ids.stride(0), ids.stride(1), S, H, R, C, slots,
-        BLOCK_I=min(TUNE["block_ids"], next_pow2(max(S * R, 16))),
-        BLOCK_S=min(TUNE["block_slots"], next_pow2(max(slots, 16))),
-        HAS_STATS=stats is not None, num_warps=8,
+        BLOCK_I=min(TUNE["block_ids"], next_pow2(max(S * R, MIN_BLOCK))),
+        BLOCK_S=min(TUNE["block_slots"], next_pow2(max(slots, MIN_BLOCK))),
+        HAS_STATS=stats is not None, num_warps=TUNE["num_warps"],
     )
     return read, write, hit
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton_util import (FLOAT_DTYPES, cdiv, check_last_contiguous, dot_precision, lazy_jit,
+from ._online_softmax import split_blocks, split_program, tile_offsets
+from ._triton_util import (FLOAT_DTYPES, LOG2E, cdiv, check_last_contiguous, dot_precision, lazy_jit,
                            next_pow2, pick_splits, tl, use_triton)
 
-LOG2E = 1.4426950408889634
 TUNE = {"block_c": 64, "num_warps": 4, "num_stages": 3, "waves": 4}   # logits pass (bench_kernels sweep)
 
 
@@ -35,21 +35,11 @@ def _centroid_logits_kernel(
     BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     HAS_BASE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = (pid // HKV).to(tl.int64)
-    h = (pid % HKV).to(tl.int64)
+    pid, split, b, h = split_program(HKV)
     n = tl.minimum(tl.load(cnt_ptr + b), C)
-    n_blocks = tl.cdiv(n, BLOCK_C)
-    per = tl.cdiv(n_blocks, NUM_SPLITS)
-    blk_begin = split * per
-    blk_end = tl.minimum(blk_begin + per, n_blocks)
+    blk_begin, blk_end = split_blocks(n, BLOCK_C, NUM_SPLITS, split)
 
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_c = tl.arange(0, BLOCK_C)
-    gmask = offs_g < G
-    dmask = offs_d < D
+    offs_g, offs_d, offs_c, gmask, dmask = tile_offsets(G, D, BLOCK_G, BLOCK_D, BLOCK_C)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     if HAS_BASE:   # ragged pool: row b's centroids start at base[b]
@@ -189,9 +179,7 @@ def centroid_logits(q: torch.Tensor, centroids: torch.Tensor, counts: torch.Tens
     counts = counts.contiguous()
     BLOCK_C, BLOCK_G = TUNE["block_c"], max(16, next_pow2(G))
     max_blocks = max(1, cdiv(C, BLOCK_C))
-    if num_splits is None:
-        num_splits = pick_splits(B * Hkv, max_blocks, q.device, TUNE["waves"])
-    num_splits = max(1, min(int(num_splits), max_blocks))
+    num_splits = pick_splits(B * Hkv, max_blocks, q.device, TUNE["waves"], num_splits)
     z = torch.empty(B * Hkv * G, C, device=q.device, dtype=torch.float32)
     pm = torch.empty(B * Hkv * G, num_splits, device=q.device, dtype=torch.float32)
     pl = torch.empty_like(pm)

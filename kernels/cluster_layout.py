@@ -13,8 +13,8 @@ the rows of head h's cluster c are ``order[h * T + offsets[h, c] : h * T + offse
     value_means[h, c] = mean of its values                      [H, C, D]
 
 Triton: one program per (cluster, head) copies the cluster's rows in tiles of ``BLOCK_R`` and sums
-them on the way, so the sums need no atomics and the KV is read once (the build used to read it
-twice more for fp32-atomic sums, and torch's row gather ran at a third of the HBM bandwidth).
+them on the way, so the sums need no atomics and the KV is read once (sums by fp32 atomics would
+read it twice more, and a torch row gather does not stream it at HBM bandwidth).
 """
 
 from __future__ import annotations

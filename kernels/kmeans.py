@@ -27,7 +27,7 @@ from ._triton_util import (FLOAT_DTYPES, cdiv, check_last_contiguous, dot_precis
                            next_pow2, tl, use_triton)
 
 
-# assign tiles and update rows per program, H100 sweeps (bench_kernels --only kmeans)
+# assign tiles and update rows per program, the fastest of a sweep with bench_kernels --only kmeans
 TUNE = {"block_n": 256, "block_k": 32, "num_warps": 8, "num_stages": 3, "update_rows": 32, "update_warps": 4}
 
 
@@ -49,12 +49,12 @@ def _kmeans_assign_kernel(
     if GATED:    # a problem past its fixed point: no tiles, no loads, no stores (see spherical_kmeans)
         k_end = tl.where(tl.load(chg_ptr + gate + s) != 0, K, 0)
         nmask = nmask & (tl.load(chg_ptr + gate + s + 0 * offs_n) != 0)   # (a vector: the interpreter's & wants one)
-    # Whole tiles load unmasked: the masks cost the loop about 10% (H100).
+    # Whole tiles load unmasked (EVEN_N / EVEN_K): masked loads slow the inner loop.
     xmask = dmask[None, :] if EVEN_N and not GATED else nmask[:, None] & dmask[None, :]
     x = tl.load(x_ptr + s * stride_xs + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :],
                 mask=xmask, other=0.0)
     # The running maximum is kept per (row, column of the tile) and reduced across columns once at
-    # the end: a per-tile max-with-index reduction cost the loop 15% more (H100, 128K-token build).
+    # the end: a max-with-index reduction per tile would put a cross-thread reduction in the loop.
     best = tl.full([BLOCK_N, BLOCK_K], float("-inf"), tl.float32)
     best_k0 = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
     for k0 in range(0, k_end, BLOCK_K):

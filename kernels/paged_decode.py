@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_util import (FLOAT_DTYPES, cdiv, check_last_contiguous, dot_precision, lazy_jit,
+from ._online_softmax import softmax_state, softmax_step, split_blocks, store_split, tile_offsets
+from ._triton_util import (FLOAT_DTYPES, LOG2E, cdiv, check_last_contiguous, dot_precision, lazy_jit,
                            next_pow2, pick_splits, tl, use_triton)
-from .split_reduce import merge_splits
+from .split_reduce import merge_splits, split_states
 
-LOG2E = 1.4426950408889634
-
-# Launch parameters (tokens per loop step, warps, pipeline depth, grid waves per SM).
-TUNE = {"block_t": 32, "num_warps": 4, "num_stages": 3, "waves": 4}  # H100 sweep: 2.9-3.0 TB/s
+# Launch parameters (tokens per loop step, warps, pipeline depth, grid waves per SM), the fastest
+# of a sweep with bench_kernels --only paged_decode.
+TUNE = {"block_t": 32, "num_warps": 4, "num_stages": 3, "waves": 4}
 
 
 @lazy_jit
@@ -43,25 +43,16 @@ def _paged_decode_split_kernel(
     b = pid // HKV
     hk = pid % HKV
     length = tl.load(len_ptr + b)
-    n_blocks = tl.cdiv(length, BLOCK_T)
-    per = tl.cdiv(n_blocks, NUM_SPLITS)
-    blk_begin = split * per
-    blk_end = tl.minimum(blk_begin + per, n_blocks)
+    blk_begin, blk_end = split_blocks(length, BLOCK_T, NUM_SPLITS, split)
 
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_t = tl.arange(0, BLOCK_T)
-    gmask = offs_g < G
-    dmask = offs_d < D
+    offs_g, offs_d, offs_t, gmask, dmask = tile_offsets(G, D, BLOCK_G, BLOCK_D, BLOCK_T)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (hk * G + offs_g)[:, None] * stride_qh
                 + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
     k_base = k_ptr + hk.to(tl.int64) * stride_kh
     v_base = v_ptr + hk.to(tl.int64) * stride_vh
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m_i, l_i, acc = softmax_state(BLOCK_G, BLOCK_D)
     for blk in range(blk_begin, blk_end):
         tok = blk * BLOCK_T + offs_t
         tmask = tok < length
@@ -73,22 +64,8 @@ def _paged_decode_split_kernel(
         k = tl.load(k_base + row_k[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + row_v[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row = pid.to(tl.int64) * G + offs_g
-    tl.store(po_ptr + ((row * NUM_SPLITS + split) * D)[:, None] + offs_d[None, :], o,
-             mask=gmask[:, None] & dmask[None, :])
-    tl.store(pl_ptr + row * NUM_SPLITS + split, lse, mask=gmask)
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, tmask, v, PRECISION)
+    store_split(po_ptr, pl_ptr, pid, split, G, D, NUM_SPLITS, m_i, l_i, acc, offs_g, offs_d, gmask, dmask)
 
 
 def _check(q, k_pages, v_pages, block_table, lengths):
@@ -147,11 +124,8 @@ def paged_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     G = Hq // Hkv
     block_t = TUNE["block_t"]
     max_blocks = cdiv(block_table.shape[1] * page, block_t)
-    if num_splits is None:
-        num_splits = pick_splits(B * Hkv, max_blocks, q.device, TUNE["waves"])
-    num_splits = max(1, min(int(num_splits), max_blocks))
-    part_out = torch.empty(B * Hq, num_splits, D, device=q.device, dtype=torch.float32)
-    part_lse = torch.empty(B * Hq, num_splits, device=q.device, dtype=torch.float32)
+    num_splits = pick_splits(B * Hkv, max_blocks, q.device, TUNE["waves"], num_splits)
+    part_out, part_lse = split_states(B * Hq, num_splits, D, q.device)
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
     if B == 0:
         return out

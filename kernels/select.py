@@ -39,30 +39,46 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_util import cdiv, check_last_contiguous, lazy_jit, next_pow2, pick_splits, tl, use_triton
+from ._triton_util import (cdiv, check_last_contiguous, jit_helper, lazy_jit, next_pow2, pick_splits, tl,
+                           use_triton)
+from .centroid_scores import centroid_probs
 
-TUNE = {"block": 2048, "num_warps": 8, "waves": 4,   # radix: H100 sweep (bench_kernels --only select)
+# Launch parameters, the fastest of a sweep with bench_kernels --only select.
+TUNE = {"block": 2048, "num_warps": 8, "waves": 4,   # radix: entries per loop step, warps, grid waves per SM
         "row_max": 16384,          # longest row for the one-launch method (at most 2**14: packed counts)
-        "row_keys": 16}            # row method: keys per thread (sets its warps; H200 sweep: 16 < 8 < 32)
+        "row_keys": 16}            # row method: keys per thread (sets its warps)
 
 
 def _row_warps(block: int) -> int:
     return max(4, min(32, block // (32 * TUNE["row_keys"])))
 
 
-@lazy_jit
-def _select_row_kernel(
-    sc_ptr, cnt_ptr, ret_n_ptr, est_n_ptr, base_ptr, ret_ptr, est_ptr, pm_ptr, pl_ptr,
-    stride_ss, stride_sh, stride_rs, stride_rh, stride_es, stride_eh,
-    HKV, W, R, E, G, NUM_SPLITS,
-    BLOCK: tl.constexpr, HAS_BASE: tl.constexpr, FROM_LOGITS: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    row = tl.program_id(0)
+@jit_helper
+def _row_counts(row, HKV, cnt_ptr, ret_n_ptr, est_n_ptr, W, R, E):
+    """Row ``row = s * HKV + h``'s (s, h, valid entries n, retrieval count r, estimation count e)."""
     s = (row // HKV).to(tl.int64)
     h = (row % HKV).to(tl.int64)
     n = tl.maximum(tl.minimum(tl.load(cnt_ptr + s).to(tl.int32), W), 0)
     r = tl.minimum(tl.maximum(tl.load(ret_n_ptr + s).to(tl.int32), 0), tl.minimum(n, R))
     e = tl.minimum(tl.maximum(tl.load(est_n_ptr + s).to(tl.int32), 0), tl.minimum(n - r, E))
+    return s, h, n, r, e
+
+
+@jit_helper
+def _order_key(b):
+    """int32 keys whose signed order is the float order of the fp32 bits ``b`` (-0.0 = +0.0)."""
+    b = tl.where(b == -2147483648, 0, b)                                  # -0.0 -> +0.0
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)                             # flip negatives' magnitude
+
+
+@lazy_jit
+def _select_row_kernel(
+    sc_ptr, cnt_ptr, ret_n_ptr, est_n_ptr, base_ptr, ret_ptr, est_ptr, pm_ptr, pl_ptr,
+    stride_ss, stride_sh, stride_rs, stride_rh, stride_es, stride_eh, HKV, W, R, E, G, NUM_SPLITS,
+    BLOCK: tl.constexpr, HAS_BASE: tl.constexpr, FROM_LOGITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)
+    s, h, n, r, e = _row_counts(row, HKV, cnt_ptr, ret_n_ptr, est_n_ptr, W, R, E)
 
     offs = tl.arange(0, BLOCK)
     valid = offs < n
@@ -82,9 +98,8 @@ def _select_row_kernel(
         b = x.to(tl.int32, bitcast=True)
     else:
         b = tl.load(sc_ptr + s * stride_ss + h * stride_sh + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-    b = tl.where(b == -2147483648, 0, b)                                  # -0.0 -> +0.0
-    key = tl.where(b < 0, b ^ 0x7FFFFFFF, b)                              # signed order = float order
-    key = tl.where(valid, key, -2147483648)    # below every threshold tried (a valid key never is: NaN bits)
+    # invalid entries: below every threshold tried (a valid key never is: those are NaN bits)
+    key = tl.where(valid, _order_key(b), -2147483648)
 
     # The rank-r and rank-(r+e) keys: the largest t_r with count(key >= t_r) >= r, and t_k for
     # r + e. Invariant: count(>= lo) >= need > count(>= hi). Both counts come from one reduction
@@ -147,11 +162,7 @@ def _select_kernel(
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
-    s = (row // HKV).to(tl.int64)
-    h = (row % HKV).to(tl.int64)
-    n = tl.maximum(tl.minimum(tl.load(cnt_ptr + s).to(tl.int32), W), 0)
-    r = tl.minimum(tl.maximum(tl.load(ret_n_ptr + s).to(tl.int32), 0), tl.minimum(n, R))
-    e = tl.minimum(tl.maximum(tl.load(est_n_ptr + s).to(tl.int32), 0), tl.minimum(n - r, E))
+    s, h, n, r, e = _row_counts(row, HKV, cnt_ptr, ret_n_ptr, est_n_ptr, W, R, E)
 
     # Thresholds so far. Lane 0: rank r (retrieval), lane 1: rank r + e. `pre` holds the digits
     # found (unsigned key bits), `need` how many keys sharing them are still to be taken.
@@ -184,8 +195,7 @@ def _select_kernel(
             idx = start + offs
             valid = idx < hi
             b = tl.load(sc_row + idx, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-            b = tl.where(b == -2147483648, 0, b)                          # -0.0 -> +0.0
-            u = tl.where(b < 0, b ^ 0x7FFFFFFF, b) ^ -2147483648          # unsigned order = float order
+            u = _order_key(b) ^ -2147483648                               # unsigned order = float order
             digit = (u >> SHIFT) & 255    # int32 shifts are arithmetic: masked here, compared for equality below
             if STAGE == 0:
                 acc_r += tl.histogram(digit, 256, mask=valid)
@@ -223,8 +233,7 @@ def _select_kernel(
             idx = start + offs
             valid = idx < hi
             b = tl.load(sc_row + idx, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-            b = tl.where(b == -2147483648, 0, b)
-            key = tl.where(b < 0, b ^ 0x7FFFFFFF, b)                      # signed order = float order
+            key = _order_key(b)                                           # signed order = float order
             tie_r = valid & (key == t_r)
             tie_k = valid & (key == t_k)
             if STAGE == 4:
@@ -319,9 +328,7 @@ def select_zones(scores: torch.Tensor, counts: torch.Tensor, retrieve: torch.Ten
         return ret, est
     block = TUNE["block"]
     max_blocks = max(1, cdiv(W, block))
-    if num_splits is None:
-        num_splits = pick_splits(rows, max_blocks, dev, TUNE["waves"])
-    num_splits = max(1, min(int(num_splits), max_blocks))
+    num_splits = pick_splits(rows, max_blocks, dev, TUNE["waves"], num_splits)
     hist = torch.zeros(4, rows, 2, 256, device=dev, dtype=torch.int32)
     part = torch.empty(rows, num_splits, 4, device=dev, dtype=torch.int32)
     for stage in range(6):
@@ -366,7 +373,6 @@ def select_zones_logits(logits, counts: torch.Tensor, retrieve: torch.Tensor, es
     one-launch method when a row fits it: one kernel and one pass over the scores fewer. The
     selection is exact for the scores as this kernel rounds them (the probs kernel may round the
     last bit differently). ``logits``: a ``centroid_scores.CentroidLogits`` of shape [S, H, G, W]."""
-    from .centroid_scores import centroid_probs
     S, H, G, W = logits.shape
     if not use_triton(logits.z, counts) or W > TUNE["row_max"] or S * H == 0 or R + E == 0:
         return select_zones(centroid_probs(logits, counts), counts, retrieve, estimate, R, E, base=base)

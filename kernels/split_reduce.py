@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_util import lazy_jit, next_pow2, tl, use_triton
+from ._triton_util import cdiv, lazy_jit, next_pow2, tl, use_triton
 
 MAX_SETS = 3
 
@@ -69,6 +69,13 @@ def _merge_splits_kernel(
         if tl.program_id(1) == 0:
             lse_r = tl.where(sw == 0.0, float("-inf"), m_safe + tl.log(tl.where(sw == 0.0, 1.0, sw)))
             tl.store(lse_ptr + r_out, lse_r)
+
+
+def split_states(rows: int, splits: int, D: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for the first stage's partial states: ``part_out [rows, splits, D]`` and
+    ``part_lse [rows, splits]``, fp32, uninitialised (every split of every row is written)."""
+    return (torch.empty(rows, splits, D, device=device, dtype=torch.float32),
+            torch.empty(rows, splits, device=device, dtype=torch.float32))
 
 
 def _check(parts, out, lse, slots=None):
@@ -125,7 +132,7 @@ def merge_partials(parts, out: torch.Tensor, lse: torch.Tensor | None = None,
     sets = list(parts) + [parts[0]] * (MAX_SETS - len(parts))
     counts = [p.shape[1] for p, _ in parts] + [0] * (MAX_SETS - len(parts))
     block_d = min(64, next_pow2(max(D, 16)))
-    _merge_splits_kernel[(R, -(-D // block_d))](
+    _merge_splits_kernel[(R, cdiv(D, block_d))](
         sets[0][0], sets[0][1], counts[0], sets[1][0], sets[1][1], counts[1], sets[2][0], sets[2][1], counts[2],
         out, lse if lse is not None else sets[0][1], slots if slots is not None else sets[0][1],
         D, out.stride(0), R // max(1, slots.shape[0]) if slots is not None else 1,

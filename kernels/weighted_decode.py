@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_util import (FLOAT_DTYPES, check_last_contiguous, dot_precision, interpret_requested,
-                           lazy_jit, next_pow2, pick_splits, tl, use_triton)
-from .split_reduce import merge_splits
+from ._online_softmax import (softmax_state, softmax_step, split_blocks, split_program, store_split,
+                              tile_offsets, with_log_weight)
+from ._triton_util import (FLOAT_DTYPES, LOG2E, cdiv, check_last_contiguous, dot_precision,
+                           interpret_requested, lazy_jit, next_pow2, pick_splits, tl, use_triton)
+from .split_reduce import merge_splits, split_states
 
-LOG2E = 1.4426950408889634
-
-# Launch parameters (keys per loop step, warps, pipeline depth, grid waves per SM).
-TUNE = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4}  # H100 sweep
-TUNE_ESTIMATE = dict(TUNE)  # estimate_decode: weighted_decode's until swept on the GPU
+# Launch parameters (keys per loop step, warps, pipeline depth, grid waves per SM), the fastest
+# of a sweep with bench_kernels --only weighted_decode.
+TUNE = {"block_n": 32, "num_warps": 4, "num_stages": 2, "waves": 4}
+TUNE_ESTIMATE = dict(TUNE)  # estimate_decode's: weighted_decode's (the same loop; not swept on its own)
 
 
 @lazy_jit
@@ -47,21 +48,11 @@ def _weighted_decode_split_kernel(
     HAS_W: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = (pid // HKV).to(tl.int64)
-    h = (pid % HKV).to(tl.int64)
+    pid, split, b, h = split_program(HKV)
     length = tl.minimum(tl.load(len_ptr + b * stride_lb + h * stride_lh), L)
-    n_blocks = tl.cdiv(length, BLOCK_N)
-    per = tl.cdiv(n_blocks, NUM_SPLITS)
-    blk_begin = split * per
-    blk_end = tl.minimum(blk_begin + per, n_blocks)
+    blk_begin, blk_end = split_blocks(length, BLOCK_N, NUM_SPLITS, split)
 
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    gmask = offs_g < G
-    dmask = offs_d < D
+    offs_g, offs_d, offs_n, gmask, dmask = tile_offsets(G, D, BLOCK_G, BLOCK_D, BLOCK_N)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     k_base = k_ptr + b * stride_kb + h * stride_kh
@@ -69,9 +60,7 @@ def _weighted_decode_split_kernel(
     w_base = w_ptr + b * stride_wb + h * stride_wh
     r_base = rows_ptr + b * stride_rb + h * stride_rh
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m_i, l_i, acc = softmax_state(BLOCK_G, BLOCK_D)
     for blk in range(blk_begin, blk_end):
         idx = blk * BLOCK_N + offs_n
         nmask = idx < length
@@ -83,24 +72,9 @@ def _weighted_decode_split_kernel(
         v = tl.load(v_base + src[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
         if HAS_W:
-            lw = tl.load(w_base + idx, mask=nmask, other=0.0)
-            s = s + lw[None, :] * 1.4426950408889634
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all weights 0 so far
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row = pid.to(tl.int64) * G + offs_g
-    tl.store(po_ptr + ((row * NUM_SPLITS + split) * D)[:, None] + offs_d[None, :], o,
-             mask=gmask[:, None] & dmask[None, :])
-    tl.store(pl_ptr + row * NUM_SPLITS + split, lse, mask=gmask)
+            s = with_log_weight(s, tl.load(w_base + idx, mask=nmask, other=0.0))
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, nmask, v, PRECISION)
+    store_split(po_ptr, pl_ptr, pid, split, G, D, NUM_SPLITS, m_i, l_i, acc, offs_g, offs_d, gmask, dmask)
 
 
 @lazy_jit
@@ -117,25 +91,15 @@ def _estimate_decode_split_kernel(
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     FROM_LOGITS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    s = (pid // HKV).to(tl.int64)
-    h = (pid % HKV).to(tl.int64)
+    pid, split, s, h = split_program(HKV)
     r0 = 0
     if HAS_START:
         r0 = tl.load(start_ptr + s).to(tl.int32)
     n = tl.load(cnt_ptr + s).to(tl.int32)
     n = tl.maximum(tl.minimum(tl.minimum(n, WIDTH), K - r0), 0)
-    n_blocks = tl.cdiv(n, BLOCK_N)
-    per = tl.cdiv(n_blocks, NUM_SPLITS)
-    blk_begin = split * per
-    blk_end = tl.minimum(blk_begin + per, n_blocks)
+    blk_begin, blk_end = split_blocks(n, BLOCK_N, NUM_SPLITS, split)
 
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    gmask = offs_g < G
-    dmask = offs_d < D
+    offs_g, offs_d, offs_n, gmask, dmask = tile_offsets(G, D, BLOCK_G, BLOCK_D, BLOCK_N)
     q = tl.load(q_ptr + s * stride_qs + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     if UPCAST:     # interpreter only: its bf16 tl.dot is wrong
@@ -148,9 +112,7 @@ def _estimate_decode_split_kernel(
     v_row = vm_ptr + h * stride_vh
     l_row = ls_ptr + h * stride_lh
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m_i, l_i, acc = softmax_state(BLOCK_G, BLOCK_D)
     for blk in range(blk_begin, blk_end):
         idx = blk * BLOCK_N + offs_n
         nmask = idx < n
@@ -163,28 +125,14 @@ def _estimate_decode_split_kernel(
             v = v.to(tl.float32)
         if FROM_LOGITS:   # q . c already scored (scaled, log2 units) by centroid_logits: no key read
             zq = z_ptr + (pid.to(tl.int64) * G + offs_g)[:, None] * stride_z + lid[None, :]
-            sc = tl.load(zq, mask=gmask[:, None] & nmask[None, :], other=0.0) + lw[None, :] * 1.4426950408889634
+            sc = with_log_weight(tl.load(zq, mask=gmask[:, None] & nmask[None, :], other=0.0), lw)
         else:
             k = tl.load(c_row + cid[:, None] * stride_cn + offs_d[None, :], mask=kv_mask, other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2 + lw[None, :] * 1.4426950408889634
-        sc = tl.where(nmask[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all weights 0 so far
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(sc - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row = pid.to(tl.int64) * G + offs_g
-    tl.store(po_ptr + ((row * NUM_SPLITS + split) * D)[:, None] + offs_d[None, :], o,
-             mask=gmask[:, None] & dmask[None, :])
-    tl.store(pl_ptr + row * NUM_SPLITS + split, lse, mask=gmask)
+            sc = with_log_weight(tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2, lw)
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, sc, nmask, v, PRECISION)
+    store_split(po_ptr, pl_ptr, pid, split, G, D, NUM_SPLITS, m_i, l_i, acc, offs_g, offs_d, gmask, dmask)
 
 
 def _check(q, k, v, lengths, log_w):
@@ -247,15 +195,8 @@ def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
         L = rows.shape[2]
     for name, t in (("q", q), ("k", k), ("v", v)) + ((("log_w", log_w),) if log_w is not None else ()):
         check_last_contiguous(name, t)
-    BLOCK_N = TUNE["block_n"]
-    max_blocks = max(1, -(-L // BLOCK_N))
-    if num_splits is None:
-        num_splits = pick_splits(B * Hkv, max_blocks, q.device, TUNE["waves"])
-    num_splits = max(1, min(int(num_splits), max_blocks))
-    R = B * Hkv * G
-    part_out = torch.empty(R, num_splits, D, device=q.device, dtype=torch.float32)
-    part_lse = torch.empty(R, num_splits, device=q.device, dtype=torch.float32)
-    if R == 0:
+    num_splits, part_out, part_lse = _split_scratch(TUNE, B * Hkv, G, L, D, q.device, num_splits)
+    if B * Hkv * G == 0:
         return _finish(part_out, part_lse, (B, Hkv, G, D), partial)
     w = log_w if log_w is not None else lengths  # dummy pointer when HAS_W is False
     r = rows if rows is not None else lengths[..., None]
@@ -269,11 +210,19 @@ def weighted_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
         w.stride(0), w.stride(1),
         r.stride(0), r.stride(1),
         Hkv, G, L, D, num_splits,
-        HAS_W=log_w is not None, HAS_ROWS=rows is not None, BLOCK_N=BLOCK_N, BLOCK_G=max(16, next_pow2(G)),
+        HAS_W=log_w is not None, HAS_ROWS=rows is not None, BLOCK_N=TUNE["block_n"], BLOCK_G=max(16, next_pow2(G)),
         BLOCK_D=max(16, next_pow2(D)), PRECISION=dot_precision(q.dtype),
         num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"],
     )
     return _finish(part_out, part_lse, (B, Hkv, G, D), partial)
+
+
+def _split_scratch(tune: dict, programs: int, G: int, keys: int, D: int, device: torch.device,
+                   num_splits: int | None):
+    """Split count and partial-state scratch of a launch of ``programs`` programs of ``G`` queries
+    over at most ``keys`` keys each, in blocks of ``tune["block_n"]``."""
+    splits = pick_splits(programs, max(1, cdiv(keys, tune["block_n"])), device, tune["waves"], num_splits)
+    return (splits, *split_states(programs * G, splits, D, device))
 
 
 def _as_partial(state, partial: bool):
@@ -373,15 +322,8 @@ def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.
     count = count.contiguous()
     base = base.contiguous() if base is not None else None
     start = start.contiguous() if start is not None else None
-    BLOCK_N = TUNE_ESTIMATE["block_n"]
-    max_blocks = max(1, -(-width // BLOCK_N))
-    if num_splits is None:
-        num_splits = pick_splits(S * Hkv, max_blocks, q.device, TUNE_ESTIMATE["waves"])
-    num_splits = max(1, min(int(num_splits), max_blocks))
-    R = S * Hkv * G
-    part_out = torch.empty(R, num_splits, D, device=q.device, dtype=torch.float32)
-    part_lse = torch.empty(R, num_splits, device=q.device, dtype=torch.float32)
-    if R == 0:
+    num_splits, part_out, part_lse = _split_scratch(TUNE_ESTIMATE, S * Hkv, G, width, D, q.device, num_splits)
+    if S * Hkv * G == 0:
         return _finish(part_out, part_lse, (S, Hkv, G, D), partial)
     upcast = q.dtype == torch.bfloat16 and interpret_requested()
     _estimate_decode_split_kernel[(S * Hkv, num_splits)](
@@ -396,7 +338,7 @@ def estimate_decode(q: torch.Tensor, centroids: torch.Tensor, value_mean: torch.
         ids.stride(0), ids.stride(1), ids.stride(2),
         Hkv, G, K, width, D, num_splits,
         HAS_BASE=base is not None, HAS_START=start is not None, UPCAST=upcast,
-        BLOCK_N=BLOCK_N, BLOCK_G=max(16, next_pow2(G)), BLOCK_D=max(16, next_pow2(D)),
+        BLOCK_N=TUNE_ESTIMATE["block_n"], BLOCK_G=max(16, next_pow2(G)), BLOCK_D=max(16, next_pow2(D)),
         PRECISION="ieee" if upcast else dot_precision(q.dtype), FROM_LOGITS=logits is not None,
         num_warps=TUNE_ESTIMATE["num_warps"], num_stages=TUNE_ESTIMATE["num_stages"],
     )

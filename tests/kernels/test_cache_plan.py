@@ -6,8 +6,8 @@ import pytest
 import torch
 from kernel_testutil import GPU, gen
 
-import retroinfer.kernels.cache_plan as cp
-from retroinfer.kernels.cache_plan import cache_plan, cache_plan_ref
+from retroinfer.kernels import cache_plan, cache_plan_ref
+from retroinfer.kernels.cache_plan import TUNE
 from retroinfer.wave.cache import ClusterCache
 
 # (S, H, R, clusters, slots, steps, block_i, block_s)
@@ -38,8 +38,8 @@ def step_ids(g, S, H, R, C, hot):
 @pytest.mark.parametrize("device,case", PARAMS)
 def test_cache_plan_matches_ref(device, case, monkeypatch):
     S, H, R, C, slots, steps, block_i, block_s = case
-    monkeypatch.setitem(cp.TUNE, "block_ids", block_i)
-    monkeypatch.setitem(cp.TUNE, "block_slots", block_s)
+    monkeypatch.setitem(TUNE, "block_ids", block_i)
+    monkeypatch.setitem(TUNE, "block_slots", block_s)
     g = gen("cpu", "cache_plan", case)
     span = C // S
     hot = [s * span + torch.randperm(span, generator=g)[:max(2, R)] for s in range(S)]
