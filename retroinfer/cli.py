@@ -19,7 +19,7 @@ clustered keys over a wave buffer in host memory), served by Ray Serve.
 
   retroinfer generate --prompt "Hello"       one prompt through the engine (tiny: random weights)
   retroinfer cluster up | status | down      one Ray node per NUMA node on this host
-  serve run deployments/tiny.yaml            the OpenAI-compatible HTTP server
+  serve run deployments/smollm2.yaml         the OpenAI-compatible HTTP server (a real model on CPU)
 
 Bad input (a flag value, a model, a prompt longer than the context) is one error line, exit code 2."""
 
