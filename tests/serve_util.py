@@ -49,3 +49,22 @@ def wait_idle(client: httpx.Client, n_replicas: int, timeout: float = 20.0) -> l
             r.get("used_bytes") == 0 and r.get("outstanding_bytes") == 0 for r in reps)
         return reps if ok else None
     return wait_for(idle, timeout, what="all replicas to hold no KV")
+
+
+def serve_tiny(repo, **overrides):
+    """A generator fixture body: the tiny preset's app (deployments/tiny.yaml args, updated by
+    `overrides`) on a fresh local Ray; yields its URL once /health is 200, then shuts it down."""
+    import ray
+    import yaml
+    from ray import serve
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="error", log_to_driver=False)
+    port = free_port()
+    args = yaml.safe_load((repo / "deployments/tiny.yaml").read_text())["applications"][0]["args"]
+    args.update(overrides)
+    start_app(args, port)
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=60) as c:
+        wait_for(lambda: c.get("/health").status_code == 200, 120, interval=0.5, what="the app to be ready")
+    yield url
+    serve.shutdown()
+    ray.shutdown()

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 
 from tests.fuzz import fuzz_body  # noqa: E402
-from tests.serve_util import PAGE_BYTES, free_port, start_app, wait_for, wait_idle  # noqa: E402
+from tests.serve_util import serve_tiny, PAGE_BYTES, free_port, start_app, wait_for, wait_idle  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = 64
@@ -31,19 +31,8 @@ PAGES = 96                   # every client's request fits at once (one 64-token
 
 @pytest.fixture(scope="module")
 def base_url():
-    from ray import serve
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="error", log_to_driver=False)
-    port = free_port()
-    args = yaml.safe_load((REPO / "deployments/tiny.yaml").read_text())["applications"][0]["args"]
-    args.update(kv_pool_gb=PAGES * PAGE_BYTES / 2**30, max_model_len=4096, routing_stats_period_s=0.2,
-                retry_after_s=1, warmup_tokens=[64], jobs_db=":memory:")
-    start_app(args, port)
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=60) as c:
-        wait_for(lambda: c.get("/health").status_code == 200, 120, interval=0.5, what="the app to be ready")
-    yield url
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_tiny(REPO, kv_pool_gb=PAGES * PAGE_BYTES / 2**30, max_model_len=4096,
+                          routing_stats_period_s=0.2, retry_after_s=1, warmup_tokens=[64], jobs_db=":memory:")
 
 
 def _prompts() -> list[list[int]]:

@@ -122,24 +122,14 @@ def test_engine_ready_is_the_replicas_health():
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 
-from tests.serve_util import PAGE_BYTES, cluster, free_port, start_app, wait_for  # noqa: E402
+from tests.serve_util import serve_tiny, PAGE_BYTES, cluster, free_port, start_app, wait_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def base_url():
-    from ray import serve
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="error", log_to_driver=False)
-    port = free_port()
-    args = yaml.safe_load((REPO / "deployments/tiny.yaml").read_text())["applications"][0]["args"]
-    args.update(num_replicas=2, kv_pool_gb=16 * PAGE_BYTES / 2**30, max_model_len=4096, routing_stats_period_s=0.2,
-                max_batch=4, warmup_tokens=[16], api_key=[KEY], jobs_db=":memory:")
-    start_app(args, port)
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=60) as c:
-        wait_for(lambda: c.get("/health").status_code == 200, 120, interval=0.5, what="the app to be ready")
-    yield url
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_tiny(REPO, num_replicas=2, kv_pool_gb=16 * PAGE_BYTES / 2**30, max_model_len=4096,
+                          routing_stats_period_s=0.2, max_batch=4, warmup_tokens=[16], api_key=[KEY],
+                          jobs_db=":memory:")
 
 
 @pytest.fixture(scope="module")
