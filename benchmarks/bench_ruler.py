@@ -42,6 +42,7 @@ hence the batches are the same for every system). Systems:
   wave-offload  the same with the KV in host memory (the wave buffer): `--offload`
   wave-100      WaveConfig(retrieval_frac=1.0, estimation_frac=0.0): every cluster exact, so it
                 must equal full token for token; `same_as_full` is the share of identical outputs
+  wave[NAME]    wave with WaveConfig fields changed, for ablations: `--wave-variant NAME:key=value,...`
   quest         Quest page top-k (attention "quest", retroinfer/attention/quest.py): pages of 16
                 tokens ranked per query head by the min/max key bound, the last page and the first
                 (sink) page always chosen, exact attention over the chosen pages only; at wave's
@@ -70,7 +71,7 @@ import time
 import uuid
 from array import array
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -515,13 +516,38 @@ def make_samples(tok, tasks: list[str], lengths: list[int], samples: int, seed: 
 
 
 # -- running the systems ----------------------------------------------------------------------
-def system_configs(names: list[str], base: dict, quest_budget: float | None = None) -> dict[str, EngineConfig]:
-    """`quest` runs beside `wave`'s WaveConfig (its default budget is wave's exact share)."""
+def parse_wave_variant(spec: str) -> tuple[str, dict]:
+    """`NAME:key=value,key=value` -> ("wave[NAME]", WaveConfig overrides); values are read as
+    int, float or string, the keys checked against WaveConfig's fields."""
+    name, sep, body = spec.partition(":")
+    if not sep or not name or not body:
+        raise ConfigError(f"--wave-variant {spec!r}: expected NAME:key=value[,key=value...]")
+    names = {f.name for f in fields(WaveConfig)}
+    over = {}
+    for item in body.split(","):
+        key, eq, raw = item.partition("=")
+        if not eq or key not in names:
+            raise ConfigError(f"--wave-variant {spec!r}: {key!r} is not a WaveConfig field ({', '.join(sorted(names))})")
+        for cast in (int, float, str):
+            try:
+                over[key] = cast(raw)
+                break
+            except ValueError:
+                continue
+    WaveConfig(**over)      # a bad value fails here, before any model loads
+    return f"wave[{name}]", over
+
+
+def system_configs(names: list[str], base: dict, quest_budget: float | None = None,
+                   variants: dict[str, dict] | None = None) -> dict[str, EngineConfig]:
+    """`quest` runs beside `wave`'s WaveConfig (its default budget is wave's exact share);
+    `variants` ("wave[NAME]" -> WaveConfig overrides) are wave systems for ablations."""
     wave100 = WaveConfig(retrieval_frac=1.0, estimation_frac=0.0)
     mk = {"full": dict(attention="full"), "wave": dict(attention="wave", wave=WaveConfig()),
           "wave-offload": dict(attention="wave", wave=WaveConfig(), offload=True),
           "wave-100": dict(attention="wave", wave=wave100),
           "quest": dict(attention="quest", wave=WaveConfig(), quest=QuestConfig(budget=quest_budget))}
+    mk.update({n: dict(attention="wave", wave=WaveConfig(**over)) for n, over in (variants or {}).items()})
     return {n: EngineConfig(**base, **mk[n]) for n in names}
 
 
@@ -693,6 +719,9 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", nargs="+", default=None,
                     choices=["full", "wave", "wave-offload", "wave-100", "quest"],
                     help="default: full wave wave-100 quest (+ wave-offload with --offload)")
+    ap.add_argument("--wave-variant", action="append", default=[], metavar="NAME:key=value,...",
+                    help="also run wave with these WaveConfig fields changed, as system wave[NAME] "
+                         "(repeatable), e.g. est0:estimation_frac=0 or win256:window=256")
     ap.add_argument("--quest-budget", type=float, default=None,
                     help="quest: tokens per query head, a share of the context in (0, 1] or a count "
                          "(default: wave's exactly attended tokens at each step)")
@@ -729,6 +758,8 @@ def main(argv=None) -> int:
     else:
         systems = ["full", "wave"] + (["wave-offload"] if a.offload else []) + ["wave-100"] + \
             (["quest"] if has_quest else [])
+    variants = dict(parse_wave_variant(v) for v in a.wave_variant)
+    systems += [n for n in variants if n not in systems]
     notes = []
     if not has_quest and not a.server:      # an engine from before attention/quest.py
         notes.append("quest: no Quest-style backend in this engine; left out, not emulated")
@@ -779,7 +810,7 @@ def main(argv=None) -> int:
         base = dict(model=model, dtype=a.dtype, device=a.device, max_batch=a.max_batch, prefill_budget_tokens=None,
                     kv_budget_bytes=int(a.kv_budget_gb * 2**30) if a.kv_budget_gb else None,
                     host_kv_budget_bytes=int(a.host_kv_gb * 2**30) if a.host_kv_gb else None)
-        for name, cfg in system_configs(systems, base, a.quest_budget).items():
+        for name, cfg in system_configs(systems, base, a.quest_budget, variants).items():
             t0 = time.perf_counter()
             engine = LLMEngine(cfg)
             load_s = time.perf_counter() - t0
@@ -829,7 +860,7 @@ def main(argv=None) -> int:
     for name in outputs:
         extra = f", same as full {summary[name]['same_as_full']:.0%}" if "same_as_full" in summary[name] else ""
         log(f"{name}: mean {summary[name]['mean']:.2f}{extra}")
-    for name in ("wave", "quest"):
+    for name in ["wave", "quest"] + list(variants):
         if name in summary and "full" in summary:
             log(f"{name} - full: {summary[name]['mean'] - summary['full']['mean']:+.2f} points")
 

@@ -278,3 +278,18 @@ def test_server_mode_scores_the_replies(monkeypatch):
     for b in _FakeOpenAI.bodies:
         assert b["temperature"] == 0 and b["model"] == "fake-model" and b["max_tokens"] in (128,)
         assert b["messages"][0]["role"] == "user" and b["messages"][0]["content"] in _FakeOpenAI.answers
+
+
+def test_wave_variants_parse_and_run(monkeypatch):
+    assert br.parse_wave_variant("est0:estimation_frac=0") == ("wave[est0]", {"estimation_frac": 0})
+    name, over = br.parse_wave_variant("w:window=128,retrieval_frac=0.05,cache_fraction=auto")
+    assert name == "wave[w]" and over == {"window": 128, "retrieval_frac": 0.05, "cache_fraction": "auto"}
+    for bad in ("noname", "x:", "x:windw=3", "x:retrieval_frac=2"):
+        with pytest.raises(br.ConfigError):
+            br.parse_wave_variant(bad)
+    written = []
+    monkeypatch.setattr(br, "write_result", lambda name, data: written.append(data))
+    assert br.main(SMOKE + ["--systems", "full", "--wave-variant", "all:retrieval_frac=1.0,estimation_frac=0"]) == 0
+    s = written[0]["systems"]
+    assert set(s) == {"full", "wave[all]"} and s["wave[all]"]["wave"]["retrieval_frac"] == 1.0
+    assert s["wave[all]"]["same_as_full"] == 1.0, "a variant with every cluster exact gives full's tokens"
