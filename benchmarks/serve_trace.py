@@ -247,7 +247,7 @@ def run_in_process(args: dict, trace: list[Req], repeat: int) -> tuple[dict, dic
     return runs, info
 
 
-def _wait_healthy(url: str, timeout_s: float = 3600) -> float:
+def _wait_healthy(url: str, timeout_s: float = 900) -> float:
     import httpx
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout_s:
@@ -257,7 +257,7 @@ def _wait_healthy(url: str, timeout_s: float = 3600) -> float:
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise SystemExit(f"{url}/health did not answer 200 within {timeout_s} s")
+    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s} s")
 
 
 def run_http(args: dict, trace: list[Req], a) -> tuple[dict, dict]:
@@ -293,8 +293,12 @@ def trace_main(a) -> int:
         r, info["in_process"] = run_in_process(args, trace, a.repeat)
         runs.update(r)
     if not a.in_process_only:
-        r, info["http"] = run_http(args, trace, a)
-        runs.update(r)
+        try:
+            r, info["http"] = run_http(args, trace, a)
+            runs.update(r)
+        except Exception as e:          # the in-process runs are still worth writing
+            info["http"] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"http mode failed: {info['http']['error']}", file=sys.stderr)
     sums = {k: summarize(v) for k, v in runs.items()}
     table([{"mode": k, **v} for k, v in sums.items()], COLUMNS)
     ratios = {}
