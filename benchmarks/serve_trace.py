@@ -240,10 +240,13 @@ def run_in_process(args: dict, trace: list[Req], repeat: int) -> tuple[dict, dic
                         "buckets": r.buckets, "mixed_steps": r.mixed_steps, "graphs": len(r.graphs),
                         "seconds": round(r.seconds, 3), "error": r.error} for r in reports]}
     runs = {f"in_process{'' if i == 0 else f'#{i + 1}'}": replay_engine(engine, trace) for i in range(repeat)}
-    del engine
+    info["capacity_bytes"] = engine.stats().get("capacity_bytes")
+    del engine, reports, app
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()      # before a server on the same GPU allocates its own
+        # what this process still holds shrinks the server's KV budget (it sizes from free memory)
+        info["cuda_reserved_after_bytes"] = torch.cuda.memory_reserved()
     return runs, info
 
 
@@ -273,6 +276,11 @@ def run_http(args: dict, trace: list[Req], a) -> tuple[dict, dict]:
         url, started = "http://127.0.0.1:8000", True
     try:
         info = {"url": url, "ready_s": _wait_healthy(url)}
+        try:      # the replicas' KV capacity: with the in-process runs' it explains admission differences
+            import httpx
+            info["cluster"] = httpx.get(url + "/v1/cluster", timeout=10).json()
+        except Exception as e:   # noqa: BLE001 - informational only
+            info["cluster"] = {"error": repr(e)}
         runs = {f"http{'' if i == 0 else f'#{i + 1}'}": asyncio.run(replay_http(url, trace)) for i in range(a.repeat)}
     finally:
         if started:
