@@ -77,6 +77,7 @@ def main(argv=None) -> int:
                     help="a wave configuration besides the default (WaveConfig fields), repeatable")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--name", default=None, help="results file stem (default wave_error_<model>)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     table([{k: v for k, v in r.items() if k != "by_layer"} for r in rows],
           ["system", "mean_rel_err", "max_layer_err", "worst_layer"])
     if not a.no_write:
-        write_result("wave_error_" + br._display(a.model), {
+        write_result(a.name or "wave_error_" + br._display(a.model), {
             "model": a.model, "model_md5": br.model_files(a.model, model), "task": a.task, "length": a.length,
             "prompt_tokens": [s.prompt_tokens for s in samples], "seed": a.seed,
             "configs": {n: vars(w) for n, w in configs.items()}, "rows": rows, "env": environment()})

@@ -145,6 +145,10 @@ class WaveConfig:
     cache_fraction: float | str = 0.05   # offload: GPU cache of retrieved clusters, share of the host pool;
                                          # "auto": the GPU budget the meta-index leaves (up to 90%)
     cache_slot_rows: int = 32          # rows of a cluster a cache slot holds (its head; the tail stays on host)
+    # Added to every estimated cluster's log weight log(size): size * exp(q . mean) is a lower bound of
+    # its mass (Jensen), and the clusters past the estimation zone are dropped. 0 is the paper's rule;
+    # benchmarks/bench_wave_error.py measures other values on a real model's KV.
+    estimation_log_bias: float = 0.0
 
     def __post_init__(self):
         checks = [
@@ -163,6 +167,7 @@ class WaveConfig:
              "cache_fraction must be in [0, 1) or 'auto'"),
             (self.cache_slot_rows >= 16 and self.cache_slot_rows % 16 == 0,
              "cache_slot_rows must be a positive multiple of 16"),
+            (math.isfinite(self.estimation_log_bias), "estimation_log_bias must be a finite number"),
         ]
         for ok, msg in checks:
             if not ok:

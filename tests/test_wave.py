@@ -99,10 +99,38 @@ def test_wave_generation_equals_full_at_full_budget():
 
 
 @pytest.mark.parametrize("bad", [dict(retrieval_frac=0), dict(retrieval_frac=0.9, estimation_frac=0.2),
-                                 dict(window=0), dict(update_clusters=2000), dict(tokens_per_cluster=0)])
+                                 dict(window=0), dict(update_clusters=2000), dict(tokens_per_cluster=0),
+                                 dict(estimation_log_bias=float("inf")), dict(estimation_log_bias=float("nan"))])
 def test_invalid_wave_config_is_rejected(bad):
     with pytest.raises(ConfigError, match="wave config"):
         WaveConfig(**bad)
+
+
+def test_estimation_log_bias_shifts_only_the_estimated_weights():
+    """The bias is added to every non-empty cluster's log weight; clustering, layout and the
+    exact zones are untouched, so at a 100% retrieval budget the output is unchanged."""
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(3000, 2, 32, generator=g), torch.randn(3000, 2, 32, generator=g)
+    plain, biased = build_index(k, v, WaveConfig()), build_index(k, v, WaveConfig(estimation_log_bias=0.5))
+    assert torch.equal(plain.keys, biased.keys) and torch.equal(plain.offsets, biased.offsets)
+    full = torch.isfinite(plain.log_size)
+    assert torch.equal(full, torch.isfinite(biased.log_size))
+    assert torch.allclose(biased.log_size[full], plain.log_size[full] + 0.5)
+    cfg = preset_config("tiny")
+    q = torch.randn(1, cfg.num_heads, cfg.head_dim, generator=g)
+    outs = []
+    for wave in (WaveConfig(), WaveConfig(estimation_log_bias=0.7),
+                 WaveConfig(retrieval_frac=1.0, estimation_frac=0.0),
+                 WaveConfig(retrieval_frac=1.0, estimation_frac=0.0, estimation_log_bias=0.7)):
+        b = make_backend("wave", cfg, range(1), "cpu", torch.float32, 1 << 26, wave, 2)
+        gen = torch.Generator().manual_seed(1)
+        kk = torch.randn(4000, cfg.num_kv_heads, cfg.head_dim, generator=gen)
+        vv = torch.randn(4000, cfg.num_kv_heads, cfg.head_dim, generator=gen)
+        b.reserve("s", 4001)
+        b.write_prefill(0, "s", kk, vv, 0)
+        outs.append(b.decode(0, b.plan_decode(["s"]), q, kk[:1], vv[:1]))
+    assert not torch.allclose(outs[0], outs[1])        # the estimation zone weighs more
+    assert torch.allclose(outs[2], outs[3])            # no estimation zone: nothing to bias
 
 
 def test_cli_rejects_bad_wave_value(capsys):

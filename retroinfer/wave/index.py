@@ -17,7 +17,7 @@ class ClusterIndex:
     offsets: torch.Tensor     # [Hkv, C+1] int32: cluster c of head h = rows offsets[h,c]:offsets[h,c+1]
     centroids: torch.Tensor   # [Hkv, C, D] plain mean of the cluster's keys
     value_mean: torch.Tensor  # [Hkv, C, D] value_sum / size
-    log_size: torch.Tensor    # [Hkv, C] float32, -inf for an empty cluster
+    log_size: torch.Tensor    # [Hkv, C] float32 estimation log weight: log(size) + estimation_log_bias, -inf if empty
     max_cluster: int          # largest cluster (host int, known at build; sizes the gather buffer)
 
     @property
@@ -103,5 +103,6 @@ def build_index(k: torch.Tensor, v: torch.Tensor, wave: WaveConfig, clusters: in
     sizes = offsets.diff(dim=1)
     return ClusterIndex(
         keys=lay.keys, values=lay.values, offsets=offsets, centroids=lay.key_means,  # empty clusters: 0, never weighed
-        value_mean=lay.value_means, log_size=torch.where(sizes > 0, sizes.float().log(), float("-inf")),
+        value_mean=lay.value_means,
+        log_size=torch.where(sizes > 0, sizes.float().log() + wave.estimation_log_bias, float("-inf")),
         max_cluster=int(sizes.max()))
