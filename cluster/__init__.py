@@ -1,7 +1,6 @@
 """The serving cluster (installed as `retroinfer.cluster`).
 
 topology.py   NUMA nodes, their CPUs, memory and local GPUs (sysfs)
-numa.py       memory policy through the set_mempolicy/get_mempolicy syscalls (libnuma optional)
 launcher.py   one Ray node per NUMA node: `retroinfer cluster up | down | status`
 pipeline.py   pipeline-stage actors and the executor that chains them
 engine_loop.py  the engine on its own thread, outputs to per-request asyncio queues

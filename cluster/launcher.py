@@ -23,7 +23,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .topology import Topology, format_cpulist
+from retroinfer import deployments, numa
+from retroinfer.numa import binding_report, format_cpulist
+
+from .topology import Topology
 
 WORKER_PORTS_PER_NODE = 1000
 
@@ -79,7 +82,6 @@ def serve_hint(address: str, config: str = "tiny.yaml") -> str:
     """The `serve run` command line for a cluster `up` started: its address, its auth mode (the
     nodes use token auth when a token exists; a client without it gets InvalidAuthToken) and the
     installed deployment YAML, so that it works from any directory."""
-    from retroinfer import deployments
     path = Path(deployments.__file__).with_name(config)
     rel = os.path.relpath(path)
     shown = rel if not rel.startswith("..") else str(path)
@@ -166,7 +168,6 @@ def _wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen) -> 
 
 
 def _spawn(p: NodePlan, log_path: Path) -> subprocess.Popen:
-    from . import numa
     env = dict(os.environ, **p.env)
     preexec = None
     if p.binder == "preexec":
@@ -271,7 +272,6 @@ def _forget_address(address: str | None, temp_dir: str | None) -> None:
 
 def _report() -> dict:
     import ray
-    from .numa import binding_report
     ctx = ray.get_runtime_context()
     return {**binding_report(), "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels()}
 

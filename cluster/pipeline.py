@@ -24,6 +24,7 @@ from retroinfer.attention import KVCapacityError
 from retroinfer.config import EngineConfig, ModelConfig, parse_dtype
 from retroinfer.engine.executor import split_layers
 from retroinfer.engine.protocol import EngineStats
+from retroinfer.numa import binding_report
 
 
 class StageActor:
@@ -42,7 +43,6 @@ class StageActor:
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
-        from .numa import binding_report
         ctx = ray.get_runtime_context()
         return {"layers": [self.layer_ids.start, self.layer_ids.stop], "device": str(self.stage.device),
                 "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels(), **binding_report()}

@@ -21,6 +21,7 @@ from ray import serve
 from retroinfer.config import EngineConfig
 from retroinfer.engine.llm_engine import LLMEngine, load_model_config
 from retroinfer.engine.sampling import SamplingParams
+from retroinfer.numa import binding_report
 
 from .engine_loop import EngineLoop, Rejected
 
@@ -143,7 +144,6 @@ class LLMReplica:
     async def info(self, target: str | None = None) -> dict:
         """This replica's identity, binding (as seen from inside) and stats."""
         import ray
-        from .numa import binding_report
         ctx = ray.get_runtime_context()
         stats = await asyncio.to_thread(self.engine.stats)
         ex = self.engine.executor

@@ -7,11 +7,14 @@ index <-> bus id map exactly; without it the NVIDIA display/3D controllers are s
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from retroinfer.numa import format_cpulist, parse_cpulist, pci_numa_node
 
 NVIDIA_VENDOR = "0x10de"
 
@@ -54,32 +57,6 @@ class Topology:
              "gpus": [{"index": g.index, "pci_bus_id": g.pci_bus_id} for g in n.gpus],
              **({"simulated_from": n.simulated_from} if n.simulated_from is not None else {})}
             for n in self.nodes]}
-
-
-def parse_cpulist(text: str) -> tuple[int, ...]:
-    """'0-3,8,10-11' -> (0, 1, 2, 3, 8, 10, 11)."""
-    out: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        if "-" in part:
-            lo, hi = part.split("-")
-            out.extend(range(int(lo), int(hi) + 1))
-        else:
-            out.append(int(part))
-    return tuple(sorted(set(out)))
-
-
-def format_cpulist(cpus) -> str:
-    cpus = sorted(cpus)
-    runs, i = [], 0
-    while i < len(cpus):
-        j = i
-        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
-            j += 1
-        runs.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
-        i = j + 1
-    return ",".join(runs)
 
 
 def _meminfo(path: Path) -> tuple[int, int]:
@@ -129,11 +106,8 @@ def discover_gpus(sys_root: str | Path = "/sys", use_nvidia_smi: bool = True) ->
         # 0x0300xx VGA, 0x0302xx 3D controller; NVSwitch bridges (0x0680xx) are not GPUs.
         if vendor != NVIDIA_VENDOR or not cls.startswith("0x03"):
             continue
-        try:
-            node = int((dev / "numa_node").read_text().strip())
-        except (OSError, ValueError):
-            node = -1
-        found.append((_norm_bus(dev.name), max(node, 0)))
+        node = pci_numa_node(dev.name, sys_root)
+        found.append((_norm_bus(dev.name), node if node is not None else 0))
     smi = _nvidia_smi_bus_ids() if use_nvidia_smi else None
     gpus = []
     for i, (bus, node) in enumerate(sorted(found)):
@@ -158,7 +132,6 @@ def discover(sys_root: str | Path = "/sys", use_nvidia_smi: bool = True) -> Topo
         total, free = _meminfo(d / "meminfo")
         nodes.append(NumaNode(nid, cpus, total, free, tuple(g for g in gpus if g.numa_node == nid)))
     if not nodes:
-        import os
         notes.append("no NUMA information in sysfs; treating the machine as one node")
         nodes = [NumaNode(0, tuple(sorted(os.sched_getaffinity(0))), 0, 0, tuple(gpus))]
     orphans = [g for g in gpus if g.numa_node not in {n.id for n in nodes}]

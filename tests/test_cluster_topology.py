@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from retroinfer.cluster import launcher, numa
-from retroinfer.cluster.topology import NumaNode, Topology, discover, format_cpulist, parse_cpulist, simulate
+from retroinfer import numa
+from retroinfer.cluster import launcher
+from retroinfer.cluster.topology import NumaNode, Topology, discover, simulate
+from retroinfer.numa import format_cpulist, parse_cpulist
 
 
 def _fake_sysfs(root, nodes: dict[int, str], gpus: list[tuple[str, int]], others=()):
@@ -72,7 +74,7 @@ def test_this_machine_is_discovered():
 
 
 def test_mempolicy_wrapper_in_a_child_process():
-    code = ("from retroinfer.cluster import numa; import json; out = {'avail': numa.numa_available(), "
+    code = ("from retroinfer import numa; import json; out = {'avail': numa.numa_available(), "
             "'before': numa.get_mempolicy(), 'set': numa.set_membind([0]), 'after': numa.get_mempolicy()}; "
             "numa.set_mempolicy(numa.MPOL_DEFAULT); out['reset'] = numa.get_mempolicy(); print(json.dumps(out))")
     out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
@@ -129,7 +131,7 @@ def test_cli_dry_run_prints_the_commands():
 def test_preexec_binding_reaches_a_child(tmp_path):
     """What `up` does without numactl: affinity + membind in preexec_fn, inherited by children."""
     cpu = sorted(os.sched_getaffinity(0))[-1]
-    code = ("import os, json; from retroinfer.cluster import numa; "
+    code = ("import os, json; from retroinfer import numa; "
             "print(json.dumps([sorted(os.sched_getaffinity(0)), numa.get_mempolicy()]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          preexec_fn=lambda: numa.bind_process([cpu], [0])).stdout

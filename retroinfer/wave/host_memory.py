@@ -2,39 +2,17 @@
 GPU's zero-copy reads cross no socket link."""
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import torch
+
+from .. import numa
 
 
 def gpu_numa_node(device: torch.device) -> int | None:
-    """The NUMA node of a CUDA device's PCI slot (sysfs), or None where unknown."""
+    """The NUMA node of a CUDA device's PCI slot, or None where unknown (or not CUDA)."""
     if device.type != "cuda":
         return None
     p = torch.cuda.get_device_properties(device)
-    bus = f"{p.pci_domain_id:04x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0"
-    try:
-        node = int(Path(f"/sys/bus/pci/devices/{bus}/numa_node").read_text())
-    except (OSError, ValueError):
-        return None
-    return node if node >= 0 else None
-
-
-@contextlib.contextmanager
-def preferred_node(node: int | None):
-    """Allocations inside prefer `node` (first touch happens when the pages are pinned)."""
-    from ..cluster import numa
-
-    before = numa.get_mempolicy() if node is not None else None
-    ok = node is not None and numa.set_preferred(node)
-    try:
-        yield ok
-    finally:
-        if ok:
-            mode, nodes = before or ("default", [])
-            codes = {name: code for code, name in numa.MODE_NAMES.items()}
-            numa.set_mempolicy(codes.get(mode, numa.MPOL_DEFAULT), nodes)
+    return numa.pci_numa_node(f"{p.pci_domain_id:04x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0")
 
 
 def _pow2_floor(n: int) -> int:
@@ -72,7 +50,7 @@ def pinned_tensors(count: int, shape, dtype: torch.dtype, device: torch.device) 
         numel *= n
     nbytes = numel * torch.tensor([], dtype=dtype).element_size()
     out = []
-    with preferred_node(gpu_numa_node(device)):
+    with numa.preferred_node(gpu_numa_node(device)):
         for slab_bytes, take in slab_plan(count, nbytes):
             slab = torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=True)
             out += [slab[i * nbytes:(i + 1) * nbytes].view(dtype).view(shape) for i in range(take)]

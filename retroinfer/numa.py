@@ -1,6 +1,10 @@
-"""NUMA memory policy for the current process, through the `set_mempolicy` / `get_mempolicy`
-system calls (ctypes on libc), so it works where libnuma is absent; libnuma (`libnuma.so.1`) is
-used, when present, only for `numa_available()`.
+"""NUMA below the engine: the memory policy of the current process, CPU lists, and the NUMA node
+of a PCI device (a GPU) as sysfs reports it. No Ray and no torch here: the engine (the wave
+buffer's pinned pool), the serving replicas and the host launcher all use it.
+
+Memory policy goes through the `set_mempolicy` / `get_mempolicy` system calls (ctypes on libc), so
+it works where libnuma is absent; libnuma (`libnuma.so.1`) is used, when present, only for
+`numa_available()`.
 
 Why not a package: the PyPI `numa` 1.4.6 sdist does not build on Python 3.11+ (its generated C is
 stale), and `py-libnuma` is a thin ctypes layer like this one. Everything here degrades cleanly: on
@@ -11,10 +15,12 @@ binds a Ray node's memory to its NUMA node when `numactl` is not installed.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import platform
+from pathlib import Path
 
 MPOL_DEFAULT, MPOL_PREFERRED, MPOL_BIND, MPOL_INTERLEAVE, MPOL_LOCAL = 0, 1, 2, 3, 4
 MODE_NAMES = {0: "default", 1: "preferred", 2: "bind", 3: "interleave", 4: "local",
@@ -113,9 +119,60 @@ def bind_process(cpus, mem_nodes) -> None:
         set_membind(mem_nodes)
 
 
+@contextlib.contextmanager
+def preferred_node(node: int | None):
+    """Allocations inside prefer `node` (first touch happens when the pages are pinned); the
+    thread's previous policy comes back on exit. None, or a refused policy: nothing changes."""
+    before = get_mempolicy() if node is not None else None
+    ok = node is not None and set_preferred(node)
+    try:
+        yield ok
+    finally:
+        if ok:
+            mode, nodes = before or ("default", [])
+            codes = {name: code for code, name in MODE_NAMES.items()}
+            set_mempolicy(codes.get(mode, MPOL_DEFAULT), nodes)
+
+
+def parse_cpulist(text: str) -> tuple[int, ...]:
+    """'0-3,8,10-11' -> (0, 1, 2, 3, 8, 10, 11) (the kernel's cpulist format)."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-")
+            out.extend(range(int(lo), int(hi) + 1))
+        else:
+            out.append(int(part))
+    return tuple(sorted(set(out)))
+
+
+def format_cpulist(cpus) -> str:
+    """(0, 1, 2, 3, 8) -> '0-3,8'."""
+    cpus = sorted(cpus)
+    runs, i = [], 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        runs.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(runs)
+
+
+def pci_numa_node(bus_id: str, sys_root: str | Path = "/sys") -> int | None:
+    """The NUMA node of the PCI device `bus_id` (sysfs spelling, `0000:17:00.0`): its sysfs
+    `numa_node`, or None where sysfs has none or says -1 (a one-node machine, some VMs)."""
+    try:
+        node = int((Path(sys_root) / "bus/pci/devices" / bus_id / "numa_node").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return node if node >= 0 else None
+
+
 def binding_report() -> dict:
     """What this process is bound to, as seen from inside: CPUs and memory policy."""
-    from .topology import format_cpulist
     pol = get_mempolicy()
     return {"pid": os.getpid(), "cpus": format_cpulist(os.sched_getaffinity(0)),
             "mempolicy": None if pol is None else {"mode": pol[0], "nodes": pol[1]},
