@@ -57,7 +57,7 @@ def _params(req: Req) -> dict:
 
 # -- in process -------------------------------------------------------------------------------------
 def warm_up(engine, lengths: list[int]) -> list:
-    """The replica's warm-up (`retroinfer.engine.warmup.warm_up`, which `cluster/replica.py` runs
+    """The replica's warm-up (`retroinfer.engine.warmup.warm_up`, which `cluster/serve/replica.py` runs
     before it says healthy): max_batch requests of each length, every decode batch size, the mixed
     step. Returns its reports."""
     from retroinfer.engine.warmup import warm_up as engine_warm_up

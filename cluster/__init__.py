@@ -1,16 +1,11 @@
-"""The serving cluster (installed as `retroinfer.cluster`).
+"""The serving cluster (installed as `retroinfer.cluster`), in three wings:
 
-topology.py   NUMA nodes, their CPUs, memory and local GPUs (sysfs)
-launcher.py   one Ray node per NUMA node: `retroinfer cluster up | down | status`
-pipeline.py   pipeline-stage actors and the executor that chains them
-engine_loop.py  the engine on its own thread, outputs to per-request asyncio queues
-replica.py    the Serve deployment that owns a scheduler (LLMEngine) and its stages
-router.py     KV-footprint request router
-frontend.py   tokenisation, validation and KV footprint of an HTTP request
-protocol.py   OpenAI-compatible request / response models
-api.py        the FastAPI ingress (/v1/completions, /v1/chat/completions, /v1/jobs, ...)
-jobs.py       the job store for long-context requests
-metrics.py    replica metrics (ray.util.metrics)
+host/    the machine: NUMA topology, one Ray node per NUMA node, `retroinfer cluster up | down | status`
+serve/   the engine replica as a Ray Serve deployment: its engine loop, pipeline stages, the
+         KV-footprint router and the replica's metrics
+http/    the HTTP ingress: OpenAI protocol models, request preparation, the guard, jobs and their store
 
-Nothing here imports Ray at package import time; modules that need it import it themselves.
+Imports run http -> serve -> the engine (`retroinfer/`); host stands beside them (`deployments/`
+composes serve and http into an application). NUMA memory policy is `retroinfer.numa`, below
+the engine. Nothing here imports Ray at package import time; modules that need it import it.
 """

@@ -65,7 +65,7 @@ class AppArgs(BaseModel):
     job_max_attempts: int = Field(3, ge=1)                 # sends of a job to engine replicas that die
     job_retry_max_s: float = Field(30.0, gt=0)             # the longest wait between asks for KV
     ingress_num_cpus: float = Field(0.25, ge=0)
-    # the HTTP edge (cluster/guard.py): API keys for /v1/* (RETROINFER_API_KEY, comma-separated,
+    # the HTTP edge (cluster/http/guard.py): API keys for /v1/* (RETROINFER_API_KEY, comma-separated,
     # overrides), the body's size (413) and time to arrive (408), the jobs that may wait (429), and
     # how long a completion or chat may take (408; None: no limit)
     api_key: tuple[str, ...] = Field((), repr=False, validate_default=True)
@@ -97,7 +97,7 @@ class AppArgs(BaseModel):
     @field_validator("api_key", mode="before")
     @classmethod
     def _api_key(cls, v):     # one key or a list of them
-        from retroinfer.cluster.guard import parse_keys
+        from retroinfer.cluster.http.guard import parse_keys
         return parse_keys(os.environ.get("RETROINFER_API_KEY") or v)
 
     @field_validator("model")
@@ -211,10 +211,10 @@ def build_app(args: dict | None = None):
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    from retroinfer.cluster.api import Ingress
-    from retroinfer.cluster.guard import key_hash
-    from retroinfer.cluster.replica import LLMReplica, ReplicaOptions
-    from retroinfer.cluster.router import KVCapacityRouter
+    from retroinfer.cluster.http.api import Ingress
+    from retroinfer.cluster.http.guard import key_hash
+    from retroinfer.cluster.serve.replica import LLMReplica, ReplicaOptions
+    from retroinfer.cluster.serve.router import KVCapacityRouter
 
     a = AppArgs.model_validate(args or {})
     name = a.served_model_name or display_name(a.model)

@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("name", help="a catalog name (see `retroinfer models list`)")
     pl.set_defaults(func=cmd_models_pull)
     try:
-        from .cluster.cli import add_cluster_parser
+        from .cluster.host.cli import add_cluster_parser
     except ImportError:
         pass
     else:

@@ -17,7 +17,7 @@ import yaml
 pytest.importorskip("ray")
 
 from retroinfer import cli  # noqa: E402
-from retroinfer.cluster import launcher  # noqa: E402
+from retroinfer.cluster.host import launcher  # noqa: E402
 from tests.serve_util import free_port, wait_for  # noqa: E402
 
 

@@ -20,7 +20,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def pipeline(ray_local):
-    from retroinfer.cluster.pipeline import RayPipelineExecutor
+    from retroinfer.cluster.serve.pipeline import RayPipelineExecutor
     ex = RayPipelineExecutor(CFG, load_model_config("tiny"), 2, num_cpus=1, num_gpus=0, placement_group=None)
     yield ex
     ex.shutdown()

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from retroinfer import numa
-from retroinfer.cluster import launcher
-from retroinfer.cluster.topology import NumaNode, Topology, discover, simulate
+from retroinfer.cluster.host import launcher
+from retroinfer.cluster.host.topology import NumaNode, Topology, discover, simulate
 from retroinfer.numa import format_cpulist, parse_cpulist
 
 

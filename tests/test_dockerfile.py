@@ -146,6 +146,19 @@ def test_copies_exist_and_cover_the_package(steps):
     assert folders <= copied, f"package folders not copied: {folders - copied}"
 
 
+def test_every_package_folder_is_installed():
+    """`packages` is an explicit list: a folder with an __init__.py that it misses (a new wing of
+    cluster/, say) would be left out of the image's non-editable install."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for name, folder in setuptools["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *rel)))
+    assert found <= set(setuptools["packages"]), f"not in pyproject's packages: {found - set(setuptools['packages'])}"
+
+
 def test_install_line_matches_readme(steps):
     pips = [c for run in runs(steps) for c in commands(run) if "pip install" in c and INSTALL_SPEC in c]
     assert pips, f"the Dockerfile installs '{INSTALL_SPEC}'"

@@ -5,7 +5,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from cluster.engine_loop import EngineLoop
+from retroinfer.cluster.serve.engine_loop import EngineLoop
 from retroinfer.engine.sampling import SamplingParams
 
 
@@ -90,7 +90,7 @@ def test_replica_warm_up_leaves_the_engine_empty(caplog):
     """The replica's warm-up requests (before it takes traffic; on a GPU max_batch of each length,
     decoding at every batch size; on a CPU one) end and free their KV; one the replica cannot hold
     fails with a warning, not a failed start."""
-    from cluster.replica import LLMReplica, ReplicaOptions
+    from retroinfer.cluster.serve.replica import LLMReplica, ReplicaOptions
     from retroinfer.config import EngineConfig
     logger = listen(caplog, "ray.serve")
     cfg = EngineConfig(model="tiny", device="cpu", kv_budget_bytes=1 << 22, prefill_chunk=128)

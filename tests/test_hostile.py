@@ -144,8 +144,8 @@ class _BrokenEngine:
 
 
 def test_an_engine_failure_marks_the_replica_unhealthy():
-    from retroinfer.cluster.engine_loop import EngineLoop, Rejected
-    from retroinfer.cluster.replica import LLMReplica
+    from retroinfer.cluster.serve.engine_loop import EngineLoop, Rejected
+    from retroinfer.cluster.serve.replica import LLMReplica
     loop = EngineLoop(_BrokenEngine())
     try:
         async def run():
@@ -326,7 +326,7 @@ def test_a_body_that_never_arrives_is_408(base_url):
 
 
 def test_deadline_helpers_do_not_depend_on_speed():
-    from cluster import guard as G
+    from retroinfer.cluster.http import guard as G
 
     async def endless():
         while True:

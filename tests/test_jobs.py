@@ -1,4 +1,4 @@
-"""The job runner (cluster/jobs.py) against a scripted engine: retries when a replica dies, backoff
+"""The job runner (cluster/http/jobs.py) against a scripted engine: retries when a replica dies, backoff
 while waiting for KV, resumption by a new ingress (same store), owners, cancellation. No Ray
 cluster: the engine's streams are fakes, and a replica death is the error Ray raises for one."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("ray")
 from ray.exceptions import ActorDiedError  # noqa: E402
 
-from retroinfer.cluster.frontend import Prepared  # noqa: E402
-from retroinfer.cluster.jobs import JobManager  # noqa: E402
-from retroinfer.cluster.jobs_store import JobsStore  # noqa: E402
-from retroinfer.cluster.protocol import APIError  # noqa: E402
+from retroinfer.cluster.http.frontend import Prepared  # noqa: E402
+from retroinfer.cluster.http.jobs import JobManager  # noqa: E402
+from retroinfer.cluster.http.jobs_store import JobsStore  # noqa: E402
+from retroinfer.cluster.http.protocol import APIError  # noqa: E402
 from retroinfer.engine.sampling import SamplingParams  # noqa: E402
 
 

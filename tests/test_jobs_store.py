@@ -1,4 +1,4 @@
-"""The SQLite jobs store (cluster/jobs_store.py): rows round-trip, survive a reopen, are listed by
+"""The SQLite jobs store (cluster/http/jobs_store.py): rows round-trip, survive a reopen, are listed by
 owner, and finished ones are purged after their time."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from retroinfer.cluster.jobs_store import JobsStore, owner_of, pack_ids, unpack_ids
+from retroinfer.cluster.http.jobs_store import JobsStore, owner_of, pack_ids, unpack_ids
 
 
 def _row(jid, owner=None, phase="queued", created=None, ids=(1, 2, 3)):
@@ -105,7 +105,7 @@ def test_ids_pack_as_little_endian_int32():
 
 
 def test_default_path_is_the_processs_env_or_the_cache(monkeypatch, tmp_path):
-    from retroinfer.cluster.jobs_store import default_path
+    from retroinfer.cluster.http.jobs_store import default_path
     monkeypatch.setenv("RETROINFER_JOBS_DB", str(tmp_path / "env.sqlite"))
     assert default_path() == tmp_path / "env.sqlite" and JobsStore().path == tmp_path / "env.sqlite"
     monkeypatch.delenv("RETROINFER_JOBS_DB")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from retroinfer.cluster import prometheus as prom
-from retroinfer.cluster.engine_loop import EngineLoop
+from retroinfer.cluster.serve import prometheus as prom
+from retroinfer.cluster.serve.engine_loop import EngineLoop
 
 parser = pytest.importorskip("prometheus_client.parser")
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_an_idle_loop_keeps_setting_its_gauges():
 
 
 def test_engine_ready_is_the_replicas_health():
-    from retroinfer.cluster.api import engine_ready
+    from retroinfer.cluster.http.api import engine_ready
 
     async def must_not_ping():
         raise AssertionError("pinged")

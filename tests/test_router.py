@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 import pytest
 
 pytest.importorskip("ray")
-from retroinfer.cluster.routing import rank_replicas, request_footprint  # noqa: E402
+from retroinfer.cluster.serve.routing import rank_replicas, request_footprint  # noqa: E402
 
 
 @dataclass

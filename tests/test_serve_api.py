@@ -242,7 +242,7 @@ def test_engine_ready_waits_for_a_replica():
     """/health's readiness: a replica that has reported, or one that answers in time; a call
     Serve holds (no replica started yet) or one that fails means starting."""
     import asyncio
-    from retroinfer.cluster.api import engine_ready
+    from retroinfer.cluster.http.api import engine_ready
 
     async def answers():
         return True

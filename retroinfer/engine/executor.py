@@ -1,5 +1,5 @@
 """Executors run the model's stages for the engine (the contract: `protocol.Executor`): in process
-(one or several devices) here, as Ray stage actors in `retroinfer.cluster.pipeline`."""
+(one or several devices) here, as Ray stage actors in `retroinfer.cluster.serve.pipeline`."""
 from __future__ import annotations
 
 from typing import Callable, Hashable

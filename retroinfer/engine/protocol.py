@@ -171,7 +171,7 @@ class EngineStats:
 
 class Executor(Protocol):
     """Runs the model's stages for the engine: in process (`executor.LocalExecutor`), as Ray stage
-    actors (`retroinfer.cluster.pipeline.RayPipelineExecutor`), or not at all (`FakeExecutor`).
+    actors (`retroinfer.cluster.serve.pipeline.RayPipelineExecutor`), or not at all (`FakeExecutor`).
 
     `reserve` takes a sequence's whole KV footprint before any of its work (raising
     `KVCapacityError`, whose `ever` says whether it could fit once others finish); `free` returns

@@ -97,7 +97,7 @@ def cmd_status(a) -> int:
     return 0
 
 
-if __name__ == "__main__":   # python -m retroinfer.cluster.cli ...
+if __name__ == "__main__":   # python -m retroinfer.cluster.host.cli ...
     parser = argparse.ArgumentParser(prog="retroinfer")
     add_cluster_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args()

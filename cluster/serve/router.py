@@ -24,7 +24,7 @@ import time
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-import retroinfer.cluster.routing as routing   # by reference: shared with the ingress
+import retroinfer.cluster.serve.routing as routing   # by reference: shared with the ingress
 
 
 class KVCapacityRouter(RequestRouter):

@@ -1,9 +1,9 @@
 """The HTTP ingress: OpenAI-compatible completions and chat (SSE streaming or whole), jobs for long
 contexts, models, vLLM's /tokenize, /detokenize and /version, health, Prometheus metrics (every
-engine replica's latest report, `prometheus.py`), and the replicas' KV state.
+engine replica's latest report, `serve/prometheus.py`), and the replicas' KV state.
 
 A request is tokenised and checked here (`frontend.py`), then sent to the engine deployment with its
-KV footprint, which the router (`router.py`) places. The replica answers accepted or rejected
+KV footprint, which the router (`serve/router.py`) places. The replica answers accepted or rejected
 first: a rejection for lack of room is retried on the other replicas, then returned as 429 with
 Retry-After; a request larger than any replica can hold is a 400 (decided here from the replicas'
 reported capacity when known, else by the replica). Responses carry `x-retroinfer-replica`.
@@ -24,13 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from ..serve import prometheus
+from ..serve.routing import replica_stats
 from . import guard as G
-from . import prometheus
 from . import protocol as P
 from .frontend import Frontend, Prepared
 from .jobs import PHASES, JobManager
 from .jobs_store import JobsStore
-from .routing import replica_stats
 
 log = logging.getLogger("ray.serve")
 HEALTH_PING_S = 2.0     # how long /health waits for an engine replica to answer
