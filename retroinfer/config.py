@@ -230,7 +230,7 @@ def wave_exact_tokens(wave: WaveConfig, prompt: int, length: int) -> int:
     return steady + min(indexed, per * max(1, math.ceil(wave.retrieval_frac * indexed / per)))
 
 
-ATTENTIONS = ("full", "wave", "quest")      # the decode attention backends (attention/base.make_backend)
+ATTENTIONS = ("full", "wave", "quest")      # the decode attention backends (attention.make_backend)
 
 
 @dataclass(frozen=True)

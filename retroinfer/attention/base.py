@@ -1,4 +1,4 @@
-"""The attention backend contract and its registry."""
+"""The attention backend contract: what every backend (full.py, wave.py, quest.py) implements."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -6,7 +6,7 @@ from typing import Any, Hashable
 
 import torch
 
-from ..config import ModelConfig, QuestConfig, WaveConfig
+from ..config import ModelConfig
 
 
 def pow2_bucket(n: int) -> int:
@@ -71,22 +71,3 @@ class AttentionBackend(ABC):
 
     def reset_metrics(self) -> None:
         """Restart the per-step counters that `stats` reports (PCIe bytes, cache hits)."""
-
-
-def make_backend(name: str, cfg: ModelConfig, layer_ids: range, device, dtype,
-                 kv_budget_bytes: int, wave: WaveConfig | None = None, max_seqs: int = 16,
-                 host_kv_budget_bytes: int | None = None, quest: QuestConfig | None = None) -> AttentionBackend:
-    if name in ("full", "quest") and host_kv_budget_bytes is not None:
-        raise ValueError("KV offload to host memory needs attention 'wave'")
-    if name == "full":
-        from .full import FullAttention
-        return FullAttention(cfg, layer_ids, device, dtype, kv_budget_bytes)
-    if name == "quest":      # its default budget is wave's exact share under `wave`
-        from .quest import QuestAttention
-        return QuestAttention(cfg, layer_ids, device, dtype, kv_budget_bytes, quest or QuestConfig(),
-                              wave or WaveConfig())
-    if name == "wave":
-        from .wave import WaveAttention
-        return WaveAttention(cfg, layer_ids, device, dtype, kv_budget_bytes, wave or WaveConfig(), max_seqs,
-                             host_kv_budget_bytes)
-    raise ValueError(f"unknown attention backend {name!r}")

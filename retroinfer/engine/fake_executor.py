@@ -12,7 +12,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from ..attention.base import KVCapacityError
+from ..attention import KVCapacityError
 from ..config import ModelConfig
 from .protocol import EngineStats
 

@@ -23,9 +23,9 @@ import torch
 from ..config import EngineConfig, ModelConfig
 from ..models.presets import is_preset, preset_config
 from .executor import LocalExecutor
-from .protocol import EngineStats, ErrorCode, Executor, FinishReason, PrefillWork, RequestOutput
+from .protocol import EngineStats, ErrorCode, Executor, FinishReason, RequestOutput
 from .sampling import Sampler, SamplingParams
-from .scheduler import Scheduler
+from .scheduler import PrefillWork, Scheduler
 from .sequence import Phase, Sequence
 from .tokenizer import IncrementalDetokenizer, load_tokenizer
 

@@ -1,6 +1,7 @@
 """The engine's typed messages: what a request gets back (`RequestOutput`), why it was refused
-(`Admission`), what the scheduler tells the executor to run in a step (`SchedulerOutput`), what the
-engine reports (`EngineStats`), and the contract every executor keeps (`Executor`)."""
+(`Admission`), what the engine reports (`EngineStats`), and the contract every executor keeps
+(`Executor`). The plan of a step (`SchedulerOutput`) holds sequences, so it lives with its maker,
+`scheduler.py`, above `sequence.py`, which builds the `RequestOutput`s here."""
 from __future__ import annotations
 
 import enum
@@ -9,8 +10,6 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Hashable, Protocol
 
 if TYPE_CHECKING:
     import torch
-
-    from .sequence import Sequence
 
 
 class FinishReason(enum.StrEnum):
@@ -60,29 +59,6 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error_code: ErrorCode | None = None
-
-
-@dataclass
-class PrefillWork:
-    """Advance `seq`'s prefill by `units` units: a unit is one chunk (`prefill_chunk` tokens or
-    the prompt's last, shorter one) through one layer: one `next()` of the executor's
-    `prefill_steps` generator."""
-    seq: "Sequence"
-    units: int
-
-
-@dataclass
-class SchedulerOutput:
-    """One engine step: the prefill work, in the order to run it, then one decode step of `decode`."""
-    prefills: list[PrefillWork] = field(default_factory=list)
-    decode: list["Sequence"] = field(default_factory=list)
-    started: list["Sequence"] = field(default_factory=list)    # KV reserved this step (prefill begins)
-    finished: list["Sequence"] = field(default_factory=list)   # ended by the scheduler (aborted, refused)
-    budget: float | None = None        # the step's prefill budget in token-layers (None: unbounded)
-
-    @property
-    def empty(self) -> bool:
-        return not (self.prefills or self.decode or self.finished)
 
 
 def _additive(default: Any = 0):

@@ -31,11 +31,35 @@ import itertools
 import math
 import threading
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Hashable, Protocol
 
-from ..attention.base import KVCapacityError
-from .protocol import Admission, AdmissionError, ErrorCode, FinishReason, PrefillWork, SchedulerOutput
+from ..attention import KVCapacityError
+from .protocol import Admission, AdmissionError, ErrorCode, FinishReason
 from .sequence import Phase, Sequence
+
+
+@dataclass
+class PrefillWork:
+    """Advance `seq`'s prefill by `units` units: a unit is one chunk (`prefill_chunk` tokens or
+    the prompt's last, shorter one) through one layer: one `next()` of the executor's
+    `prefill_steps` generator."""
+    seq: Sequence
+    units: int
+
+
+@dataclass
+class SchedulerOutput:
+    """One engine step: the prefill work, in the order to run it, then one decode step of `decode`."""
+    prefills: list[PrefillWork] = field(default_factory=list)
+    decode: list[Sequence] = field(default_factory=list)
+    started: list[Sequence] = field(default_factory=list)    # KV reserved this step (prefill begins)
+    finished: list[Sequence] = field(default_factory=list)   # ended by the scheduler (aborted, refused)
+    budget: float | None = None        # the step's prefill budget in token-layers (None: unbounded)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.prefills or self.decode or self.finished)
 
 
 class KVAllocator(Protocol):
