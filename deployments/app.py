@@ -5,6 +5,10 @@ Two deployments: `LLMReplica` (num_replicas engine replicas, each a placement gr
 for the replica plus one per pipeline stage, STRICT_PACK so a replica sits inside one Ray node, i.e.
 one NUMA node under `retroinfer cluster up`; routed by KV footprint) and `Ingress` (FastAPI, one
 replica). `RETROINFER_MODEL_DIR`, when set, overrides `model`.
+
+Ray and the modules built on it (the replica, the router, the ingress) are imported inside
+`build_app` and `_cluster_resources`: `AppArgs` and `plan_replica` also serve the in-process trace
+of `benchmarks/bench_serve.py` on machines without Ray.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from retroinfer.cluster.http.guard import key_hash, parse_keys
 from retroinfer.config import ConfigError, EngineConfig, QuestConfig, WaveConfig
 from retroinfer.models.catalog import display_name, resolve_model
 
@@ -97,7 +102,6 @@ class AppArgs(BaseModel):
     @field_validator("api_key", mode="before")
     @classmethod
     def _api_key(cls, v):     # one key or a list of them
-        from retroinfer.cluster.http.guard import parse_keys
         return parse_keys(os.environ.get("RETROINFER_API_KEY") or v)
 
     @field_validator("model")
@@ -212,7 +216,6 @@ def build_app(args: dict | None = None):
     from ray.serve.config import RequestRouterConfig
 
     from retroinfer.cluster.http.api import Ingress
-    from retroinfer.cluster.http.guard import key_hash
     from retroinfer.cluster.serve.replica import LLMReplica, ReplicaOptions
     from retroinfer.cluster.serve.router import KVCapacityRouter
 

@@ -5,12 +5,17 @@ import argparse
 import dataclasses
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version as dist_version
 from pathlib import Path
 
 import torch
 
+from .cluster.host.cli import add_cluster_parser
 from .config import ATTENTIONS, ConfigError, EngineConfig, QuestConfig, WaveConfig, fraction_or_auto
-from .models.catalog import CATALOG, resolve_model
+from .engine.llm_engine import LLMEngine
+from .engine.sampling import SamplingParams
+from .models.catalog import CATALOG, pull, pulled_path, resolve_model
+from .models.gguf import gguf_to_hf
 from .models.presets import PRESETS
 
 DESCRIPTION = """\
@@ -181,9 +186,6 @@ def wants_progress_bar(num_tokens: int, stream=None) -> bool:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from .engine.llm_engine import LLMEngine
-    from .engine.sampling import SamplingParams
-
     if (a.prompt is None) == (a.prompt_file is None):
         raise ConfigError("give exactly one of --prompt and --prompt-file")
     prompt = a.prompt if a.prompt is not None else _read(a.prompt_file)
@@ -231,7 +233,6 @@ def _read(path: str) -> str:
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as dist_version
     try:
         v = dist_version("retroinfer")
     except PackageNotFoundError:
@@ -240,7 +241,6 @@ def version() -> str:
 
 
 def cmd_models_list(a: argparse.Namespace) -> int:
-    from .models.catalog import CATALOG, pulled_path
     for m in CATALOG.values():
         where = pulled_path(m.name) if pulled_path(m.name).is_file() else "not pulled"
         print(f"{m.name:20s} {m.about}\n{'':20s} {where}")
@@ -248,8 +248,6 @@ def cmd_models_list(a: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(a: argparse.Namespace) -> int:
-    from .models.catalog import pull
-    from .models.gguf import gguf_to_hf
     path = pull(a.name, log=lambda msg: print(msg, file=sys.stderr))
     print(path)
     print(gguf_to_hf(path))
@@ -284,12 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = msub.add_parser("pull", help="download a model into the cache and convert it")
     pl.add_argument("name", help="a catalog name (see `retroinfer models list`)")
     pl.set_defaults(func=cmd_models_pull)
-    try:
-        from .cluster.host.cli import add_cluster_parser
-    except ImportError:
-        pass
-    else:
-        add_cluster_parser(sub)
+    add_cluster_parser(sub)
     return parser
 
 

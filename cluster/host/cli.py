@@ -6,6 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from . import launcher
+from .topology import discover, simulate
+
 
 def add_cluster_parser(sub) -> None:
     p = sub.add_parser("cluster", help="one Ray node per NUMA node on this host")
@@ -40,7 +43,6 @@ def add_cluster_parser(sub) -> None:
 
 
 def _topology(a):
-    from .topology import discover, simulate
     topo = discover()
     return simulate(topo, a.simulate_numa) if a.simulate_numa else topo
 
@@ -51,7 +53,6 @@ def cmd_topology(a) -> int:
 
 
 def cmd_up(a) -> int:
-    from . import launcher
     topo = _topology(a)
     plans = launcher.plan(topo, host=a.host, port=a.port, use_numactl=False if a.no_numactl else None,
                           temp_dir=a.temp_dir, object_store_fraction=a.object_store_fraction)
@@ -69,14 +70,12 @@ def cmd_up(a) -> int:
 
 
 def cmd_down(a) -> int:
-    from . import launcher
     pids = launcher.down(a.state_file)
     print(f"stopped {len(pids)} nodes" if pids else "no cluster recorded; nothing to stop")
     return 0
 
 
 def cmd_status(a) -> int:
-    from . import launcher
     address = a.address
     if address is None:
         sf = a.state_file or launcher.default_state_file()

@@ -9,6 +9,10 @@ Each node runs `ray start --block` (the first is the head) under `numactl --cpun
 `up` records the process ids of the `ray start --block` processes in a state file; `down` stops
 exactly those (SIGTERM, which makes each tear down the processes it started; then SIGKILL of its
 process group). Nothing is stopped by name, so other Ray instances on the host are left alone.
+
+Ray is imported inside the functions that talk to it: the `retroinfer` command line imports this
+module, and `generate`, `cluster topology` and `cluster up --dry-run --host` run without Ray (the
+`serve` extra).
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from retroinfer import deployments, numa
-from retroinfer.numa import binding_report, format_cpulist
 
 from .topology import Topology
 
@@ -50,7 +53,7 @@ class NodePlan:
     def describe(self) -> str:
         envs = " ".join(f"{k}={v}" for k, v in self.env.items())
         how = "" if self.binder == "numactl" else \
-            f"  # bound in preexec_fn: cpus {format_cpulist(self.cpus)}, membind {self.mem_nodes}"
+            f"  # bound in preexec_fn: cpus {numa.format_cpulist(self.cpus)}, membind {self.mem_nodes}"
         return f"{envs} {' '.join(_quote(a) for a in self.argv)}{how}".strip()
 
 
@@ -145,7 +148,7 @@ def plan(topo: Topology, *, host: str | None = None, port: int = 6379, use_numac
         argv += list(extra_args or [])
         binder = "preexec"
         if numactl:
-            cpu_arg = f"--cpunodebind={real}" if not topo.simulated else f"--physcpubind={format_cpulist(node.cpus)}"
+            cpu_arg = f"--cpunodebind={real}" if not topo.simulated else f"--physcpubind={numa.format_cpulist(node.cpus)}"
             argv = [numactl, cpu_arg, f"--membind={real}"] + argv
             binder = "numactl"
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, node.gpu_indices)), "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
@@ -273,7 +276,7 @@ def _forget_address(address: str | None, temp_dir: str | None) -> None:
 def _report() -> dict:
     import ray
     ctx = ray.get_runtime_context()
-    return {**binding_report(), "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels()}
+    return {**numa.binding_report(), "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels()}
 
 
 def status(address: str | None = None) -> list[dict]:

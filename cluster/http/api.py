@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +38,6 @@ HEALTH_PING_S = 2.0     # how long /health waits for an engine replica to answer
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
     try:
         return version("retroinfer")
     except PackageNotFoundError:      # a source tree that was not installed

@@ -35,6 +35,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from ray.exceptions import RayActorError   # ActorDiedError, ActorUnavailableError
+
 from retroinfer.engine.sampling import SamplingParams
 
 from .frontend import Prepared
@@ -48,7 +50,6 @@ PHASES = ("queued", "prefill", "decode") + FINAL
 
 def replica_lost(e: BaseException) -> bool:
     """Whether an engine call failed because its replica died or cannot be reached."""
-    from ray.exceptions import RayActorError   # ActorDiedError, ActorUnavailableError
     return isinstance(e, RayActorError)
 
 

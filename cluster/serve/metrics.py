@@ -5,10 +5,11 @@ and `on_finish` (with the TTFT it measured). The serving port's own `/metrics`, 
 is `prometheus.py`'s."""
 from __future__ import annotations
 
+from ray.util.metrics import Counter, Gauge, Histogram
+
 
 class ReplicaMetrics:
     def __init__(self, replica: str, model: str):
-        from ray.util.metrics import Counter, Gauge, Histogram
         self.tags = {"replica": replica, "model": model}
         keys = ("replica", "model")
 

@@ -19,11 +19,14 @@ from typing import Callable, Hashable
 
 import ray
 import torch
+from ray.util import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from retroinfer.attention import KVCapacityError
 from retroinfer.config import EngineConfig, ModelConfig, parse_dtype
 from retroinfer.engine.executor import split_layers
 from retroinfer.engine.protocol import EngineStats
+from retroinfer.engine.stage import Stage
 from retroinfer.numa import binding_report
 
 
@@ -35,7 +38,6 @@ class StageActor:
                  num_threads: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
-        from retroinfer.engine.stage import Stage
         self.stage = Stage(cfg, model_cfg, layer_ids, device)
         self.layer_ids = layer_ids
         self._prefills: dict = {}          # seq_id -> its prefill generator
@@ -113,9 +115,6 @@ class RayPipelineExecutor:
     def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, num_stages: int, *,
                  num_cpus: float = 1.0, num_gpus: float = 0.0, placement_group="current",
                  first_bundle: int = 1, micro_batches: int | None = None):
-        from ray.util import get_current_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         self.cfg, self.model_cfg = cfg, model_cfg
         self.device = torch.device("cpu")                     # where the logits arrive
         self.dtype = parse_dtype(cfg.dtype or model_cfg.dtype)

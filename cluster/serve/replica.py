@@ -15,15 +15,19 @@ import logging
 import time
 from dataclasses import dataclass
 
+import ray
 import torch
 from ray import serve
 
 from retroinfer.config import EngineConfig
 from retroinfer.engine.llm_engine import LLMEngine, load_model_config
 from retroinfer.engine.sampling import SamplingParams
+from retroinfer.engine.warmup import default_batch, warm_up
 from retroinfer.numa import binding_report
 
 from .engine_loop import EngineLoop, Rejected
+from .metrics import ReplicaMetrics
+from .pipeline import RayPipelineExecutor
 
 log = logging.getLogger("ray.serve")
 
@@ -56,7 +60,6 @@ class LLMReplica:
         self.opts, self.replica_id = opts, _replica_id()
         executor = None
         if opts.executor == "ray":
-            from .pipeline import RayPipelineExecutor
             executor = RayPipelineExecutor(cfg, load_model_config(cfg.model), opts.stages,
                                            num_cpus=opts.stage_num_cpus, num_gpus=opts.stage_num_gpus,
                                            micro_batches=opts.micro_batches)
@@ -65,7 +68,6 @@ class LLMReplica:
             self._warm_up(opts.warmup_tokens)
         self.metrics = None
         try:
-            from .metrics import ReplicaMetrics
             self.metrics = ReplicaMetrics(self.replica_id, opts.model_name)
         except Exception:   # metrics are optional (no Ray metrics agent, e.g. some test setups)
             log.warning("metrics disabled", exc_info=True)
@@ -81,7 +83,6 @@ class LLMReplica:
         step (a prefill chunk beside a decode batch) happen here, not inside user requests. On an
         H200 (8B, wave, 32K prompts) a warm-up of one lone request left 3-5.6 s decode stalls in the
         first replay, each time the batch reached a size the warm-up had not decoded."""
-        from retroinfer.engine.warmup import default_batch, warm_up
         cap = default_batch(self.engine)     # 1 on a CPU: nothing there compiles per batch size
 
         def said(rep) -> None:
@@ -143,7 +144,6 @@ class LLMReplica:
 
     async def info(self, target: str | None = None) -> dict:
         """This replica's identity, binding (as seen from inside) and stats."""
-        import ray
         ctx = ray.get_runtime_context()
         stats = await asyncio.to_thread(self.engine.stats)
         ex = self.engine.executor

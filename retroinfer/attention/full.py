@@ -7,6 +7,7 @@ from typing import Hashable
 import numpy as np
 import torch
 
+from ..kernels.paged_decode import paged_decode
 from .base import AttentionBackend, KVCapacityError, pow2_bucket
 
 PAGE = 64
@@ -143,7 +144,6 @@ class FullAttention(AttentionBackend):
         static.packed.copy_(plan.packed, non_blocking=True)
 
     def decode(self, layer, plan: PagedPlan, q, k, v):
-        from ..kernels.paged_decode import paged_decode
         plan = plan.to(q.device)               # an eager step's host plan: copied on its first layer
         self.k[layer][plan.write_page, plan.write_off] = k
         self.v[layer][plan.write_page, plan.write_off] = v

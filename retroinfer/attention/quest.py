@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from ..config import QuestConfig, WaveConfig
+from ..kernels import use_triton
+from ..kernels.paged_decode import paged_decode
 from .base import pow2_bucket
 from .full import FullAttention, PagedPlan
 
@@ -97,9 +99,6 @@ def sparse_paged_decode(q, k_pages, v_pages, table, tokens, scale: float) -> tor
     """Attention of q [B, Hq, D] over per-query-head page lists: table [B, Hq, N] int32 (pages of
     KV head h // G), the first tokens[b] tokens of that list. On CUDA: the paged decode kernel, one
     launch per KV head (each query head one row of it); else plain torch, vectorised."""
-    from ..kernels._triton_util import use_triton
-    from ..kernels.paged_decode import paged_decode
-
     B, Hq, D = q.shape
     _, page, Hkv, _ = k_pages.shape
     G, N = Hq // Hkv, table.shape[2]
@@ -175,7 +174,6 @@ class QuestAttention(FullAttention):
         return QuestPlan(paged, keep, top)
 
     def decode(self, layer, plan: QuestPlan, q, k, v):
-        from ..kernels.paged_decode import paged_decode
         plan = plan.to(q.device)
         p = plan.paged
         self.k[layer][p.write_page, p.write_off] = k

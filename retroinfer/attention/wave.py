@@ -17,8 +17,15 @@ from typing import Hashable
 import torch
 
 from ..config import WaveConfig
+from ..kernels.centroid_scores import centroid_logits
+from ..kernels.gather import cluster_rows, gather_clusters_batched, gather_clusters_cached
+from ..kernels.select import select_zones_logits
+from ..kernels.split_reduce import merge_partials
+from ..kernels.step_inputs import step_inputs
+from ..kernels.weighted_decode import estimate_decode, weighted_decode
 from ..side_stream import SideStream
 from ..wave.cache import ClusterCache
+from ..wave.host_memory import pinned_bytes
 from ..wave.index import ClusterIndex, build_index
 from ..wave.pools import WavePools
 from .base import AttentionBackend, KVCapacityError, pow2_bucket
@@ -97,7 +104,6 @@ class WaveAttention(AttentionBackend):
                                host_tokens=self.offload)
         self.host_pinned_bytes = 0
         if self.offload:
-            from ..wave.host_memory import pinned_bytes
             n = 2 * len(layer_ids)
             self.host_pinned_bytes = pinned_bytes(n, tokens * self.bytes_per_token // n)
         self.caches: dict[int, ClusterCache] = {}
@@ -115,7 +121,6 @@ class WaveAttention(AttentionBackend):
 
     def _host_tokens(self, budget: int, layers: int) -> int:
         """The most tokens whose pinned K and V of every layer stay within `budget` bytes."""
-        from ..wave.host_memory import pinned_bytes
         row = self.bytes_per_token // (2 * layers)          # one token of one layer's K (or V)
         lo, hi = 0, budget // self.bytes_per_token
         while lo < hi:
@@ -208,10 +213,6 @@ class WaveAttention(AttentionBackend):
         return plan
 
     def decode(self, layer, plan: WavePlan, q, k, v):
-        from ..kernels.split_reduce import merge_partials
-        from ..kernels.step_inputs import step_inputs
-        from ..kernels.weighted_decode import estimate_decode, weighted_decode
-
         B, Hq, D = q.shape
         H = self.cfg.num_kv_heads
         p = self.pools
@@ -245,9 +246,6 @@ class WaveAttention(AttentionBackend):
         """Scores every slot's clusters and selects its zones (exact, no sort): the retrieval zone
         as pool ids [S, H, R] and the estimation zone as local ids [S, H, E], -1 past the counts;
         and the clusters' logits, which the estimation zone reads instead of the centroids."""
-        from ..kernels.centroid_scores import centroid_logits
-        from ..kernels.select import select_zones_logits
-
         p = self.pools
         S, W, R, E, cap = plan.shape
         logits = centroid_logits(q_slots, p.centroids[layer], plan.counts, self.scale, base=plan.base, width=W)
@@ -259,8 +257,6 @@ class WaveAttention(AttentionBackend):
         """The retrieval zone's keys and values as (k, v, rows, lengths): a GPU-resident pool is
         read in place through its row numbers (rows [S, H, cap]); an offloaded one is gathered into
         an execution buffer [S, H, cap, D] (rows None), through the GPU cluster cache if any."""
-        from ..kernels.gather import cluster_rows, gather_clusters_batched, gather_clusters_cached
-
         p, dev = self.pools, self.device
         H, D = self.cfg.num_kv_heads, self.cfg.head_dim
         S, cap = plan.shape[0], plan.shape[4]

@@ -9,6 +9,7 @@ import torch
 from ..attention import make_backend
 from ..config import EngineConfig, ModelConfig, parse_dtype
 from ..models.model import ModelShard, drain
+from .cuda_graph import DecodeGraphs
 
 
 def default_kv_budget(device: torch.device, reserve_bytes: int) -> int:
@@ -52,7 +53,6 @@ class Stage:
                                     budget, cfg.wave, cfg.max_batch, host_budget, cfg.quest)
         self.graphs = None
         if cfg.cuda_graphs and self.device.type == "cuda" and hasattr(self.backend, "static_plan"):
-            from .cuda_graph import DecodeGraphs
             self.graphs = DecodeGraphs(self)
 
     @property

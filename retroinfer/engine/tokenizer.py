@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..config import ConfigError
+from ..models.presets import is_preset
 
 
 class ByteTokenizer:
@@ -78,7 +79,6 @@ def _special_tokens(model_dir) -> dict:
 
 
 def load_tokenizer(model: str):
-    from ..models.presets import is_preset
     return ByteTokenizer() if is_preset(model) else HFTokenizer(model)
 
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..attention.base import pow2_bucket
+from .executor import default_device
 from .protocol import Admission
 from .sampling import SamplingParams
 from .sequence import Phase
@@ -71,7 +72,6 @@ def default_batch(engine) -> int:
     """max_batch where the device compiles per shape (CUDA: graphs, Triton); 1 on a CPU, where
     no batch size costs more the first time and max_batch prefills would only slow the start
     (tiny, 2048 tokens, max_batch 16 on 2 cores: 71.5 s against 2.2 s)."""
-    from .executor import default_device
     devices = list(engine.cfg.devices) or [engine.cfg.device or default_device()]   # the stages' devices
     return engine.cfg.max_batch if any(str(d).startswith("cuda") for d in devices) else 1
 

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..attention import prefill as dense   # by module: bench_wave_error.py wraps causal_attention
 from ..config import ModelConfig
 from .layers import DecoderLayer, rms_norm
 from .loader import checkpoint_source, load_head, load_layer
@@ -74,7 +75,6 @@ class ModelShard:
         c = 16K: 8 GiB + 4 GiB + ~1.5 GiB on top of 16 GiB of weights; the full KV of all layers
         (128 GiB) is the backend's business (wave offload keeps it in host memory).
         """
-        from ..attention.prefill import causal_attention
 
         c = self.cfg
         T = x.shape[0]
@@ -89,7 +89,7 @@ class ModelShard:
                 h, _ = layer.input_norm(xs)
                 q, k, v = layer.qkv(h, cos, sin)
                 k_all[s:e], v_all[s:e] = k, v
-                o = causal_attention(q, k_all[:e], v_all[:e], q_start=s)
+                o = dense.causal_attention(q, k_all[:e], v_all[:e], q_start=s)
                 h, _ = layer.post_attn_norm(o, xs, residual_out=xs)
                 xs += layer.mlp(h)
                 yield

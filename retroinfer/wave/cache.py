@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.cache_plan import cache_plan
+
 
 class ClusterCache:
     def __init__(self, heads: int, slots: int, slot_rows: int, clusters: int, head_dim: int,
@@ -37,7 +39,6 @@ class ClusterCache:
         (as many as there are such slots) and updates the maps as if the gather had admitted them
         (kernels/cache_plan.py, one launch). Returns (read_slot, write_slot) [S, H, R] int32 (-1:
         none) and the hit mask; `stats` ([2] int64) accumulates retrieved and hit counts."""
-        from ..kernels.cache_plan import cache_plan
         return cache_plan(ids, self.slot_of, self.cluster_of, self.last_use, self.clock, stats)
 
     def invalidate(self, c0: int, c1: int) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import WaveConfig
+from ..kernels.cluster_layout import cluster_order, cluster_reorder
+from ..kernels.kmeans import kmeans_assign, spherical_kmeans
 
 
 @dataclass
@@ -56,8 +58,6 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
     centroids). An x already holding ``segment_layout``'s padded length (zeros past n) is used in
     place. Returns the unit centroids [H, C, D] of all segments together. Each segment stops once
     its assignment repeats (a fixed point): the result is that of all `iters`."""
-    from ..kernels.kmeans import spherical_kmeans
-
     H, D = x.shape[0], x.shape[2]
     N = x.shape[1] if n is None else n
     nseg, seg_len = segment_layout(N, segment)
@@ -79,9 +79,6 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
 def build_index(k: torch.Tensor, v: torch.Tensor, wave: WaveConfig, clusters: int | None = None,
                 segment: int | None = None) -> ClusterIndex:
     """k, v: [T, Hkv, D] keys (after RoPE) and values of the tokens to index."""
-    from ..kernels.cluster_layout import cluster_order, cluster_reorder
-    from ..kernels.kmeans import kmeans_assign
-
     kh = k.transpose(0, 1)                                     # [H, T, D] view
     H, T, D = kh.shape
     seg = segment or wave.segment_size

@@ -19,6 +19,7 @@ import torch
 
 from ..config import ModelConfig
 from ..side_stream import SideStream
+from .host_memory import pinned_tensors
 
 
 class RangeAllocator:
@@ -70,7 +71,6 @@ class WavePools:
         self.k_steady = per_layer((self.slots, H, steady_cap, D))
         self.v_steady = per_layer((self.slots, H, steady_cap, D))
         if host_tokens:   # the wave buffer's CPU pool: pinned, on the GPU's NUMA node
-            from .host_memory import pinned_tensors
             pin = device.type == "cuda"
             n = 2 * len(layer_ids)
             pool = pinned_tensors(n, (H, tokens, D), dtype, device) if pin else \
