@@ -232,8 +232,7 @@ def run_trial(sc: Scenario, seed: int, device, dtype, wave: WaveConfig, quest_gq
     cfg = ModelConfig(arch="llama", vocab_size=1, hidden_size=sc.heads * D, intermediate_size=1,
                       num_layers=1, num_heads=sc.heads, num_kv_heads=H, head_dim=D)
     scale = D ** -0.5
-    elem = torch.tensor([], dtype=dtype).element_size()
-    budget = 4 * (T + Q + wave.sink + wave.window + wave.update_every) * 2 * H * D * elem
+    budget = 4 * (T + Q + wave.sink + wave.window + wave.update_every) * cfg.kv_bytes_per_token(dtype)
     lo, hi = wave.sink, T - wave.window                                           # indexed region
     kh, vh = k.transpose(0, 1), v.transpose(0, 1)                                 # [H, T + Q, D]
     k_mid, v_mid = kh[:, lo:hi].contiguous(), vh[:, lo:hi].contiguous()

@@ -183,7 +183,7 @@ def main() -> None:
     graph_runners = {st: st.graphs for st in engine.executor.stages}
     text = stdlib_text_ids(engine, 2 * max(contexts)) if a.text else None
     rows = []
-    per_token = engine.kv_bytes_for(1)
+    per_token = engine.bytes_per_token
     for bi, (want, b) in enumerate((c, b) for c in contexts for b in batches):
         if b == 0:
             b = min(cfg.max_batch, int(capacity * 0.97) // ((want + a.steps + 32) * per_token))
@@ -214,7 +214,7 @@ def main() -> None:
         "cache_fraction": a.cache_fraction if a.offload else None,
         "cache_slot_rows": a.cache_slot_rows if a.offload else None, "warmup_steps": a.warmup,
         "dtype": a.dtype, "hbm_bytes_per_s": bw,
-        "weight_bytes": weight_bytes, "kv_bytes_per_token": engine.kv_bytes_for(1), "load_s": load_s,
+        "weight_bytes": weight_bytes, "kv_bytes_per_token": engine.bytes_per_token, "load_s": load_s,
         "kv_capacity_bytes": capacity, "rows": rows})
 
 

@@ -126,12 +126,13 @@ def bench_estimate_decode(K, m, quick):
     reading the cluster pool in place vs the path it replaces (WaveAttention's former torch
     gathers of centroids / value means / log sizes into an [S, H, E, D] buffer, then
     weighted_decode), timed as torch_ms; merge_ms adds the merge_states the new path needs."""
+    from retroinfer.attention.wave import zone_caps
     from retroinfer.config import WaveConfig
 
     rows = []
     for S, C in ([(8, 8192)] if quick else [(8, 8192), (1, 65536), (8, 65536)]):
         r, e = WaveConfig().zone_sizes(C)
-        R, E = -(-r // 16) * 16, -(-e // 64) * 64                 # the plan's caps
+        R, E = zone_caps(r, e)                                    # the plan's caps
         q = torch.randn(S, HKV, G, D, device="cuda", dtype=DT)
         cen = torch.randn(HKV, S * C, D, device="cuda", dtype=DT)
         vm = torch.randn_like(cen)
@@ -200,13 +201,14 @@ def bench_select(K, m, quick):
     one-launch method with k keys per thread; ``b<block>/<warps>/s<splits>``: radix with that tile (select.TUNE; sauto:
     split rows as ``select_zones`` picks); ``ok``: the same sets as select_zones_ref."""
     import retroinfer.kernels.select as sel
+    from retroinfer.attention.wave import zone_caps
     from retroinfer.config import WaveConfig
 
     rows = []
     # 32K b1; 128K b8, b32; 512K b1, b8; 1M b1
     for S, W in [(1, 2048), (8, 8192), (32, 8192), (1, 32768), (8, 32768), (1, 65536)]:
         r, e = WaveConfig().zone_sizes(W)
-        R, E = -(-r // 16) * 16, -(-e // 64) * 64
+        R, E = zone_caps(r, e)
         sc = torch.randn(S, HKV, G, W, device="cuda").mul(2).softmax(-1).sum(2)   # like centroid_scores
         cnt = torch.full((S,), W, device="cuda", dtype=torch.int32)
         ret_n, est_n = torch.full((S,), r, device="cuda"), torch.full((S,), e, device="cuda")

@@ -6,6 +6,7 @@ says which a call takes. Triton is optional: without it every function is its re
 
 This face exports what the engine (``retroinfer/``) and the tests call, by the layer that calls it:
 
+* shape arithmetic on the host: ``cdiv``, ``next_pow2`` (also the engine's CUDA-graph buckets);
 * decoder layer: ``add_rms_norm``, ``rms_norm``, ``apply_rope``, ``silu_mul``;
 * wave index build: ``spherical_kmeans`` (and its steps ``kmeans_assign``, ``kmeans_update``,
   ``kmeans_centroids``), ``cluster_order``, ``cluster_reorder``;
@@ -20,7 +21,7 @@ A module and the function of the same name (``cache_plan``, ``centroid_scores``,
 ``TUNE`` with ``from retroinfer.kernels.cache_plan import TUNE`` or ``importlib.import_module``.
 """
 
-from ._triton_util import use_triton
+from ._triton_util import cdiv, next_pow2, use_triton
 from .cache_plan import cache_plan, cache_plan_ref
 from .centroid_scores import centroid_logits, centroid_probs, centroid_scores, centroid_scores_ref
 from .cluster_layout import cluster_order, cluster_reorder, cluster_reorder_ref
@@ -39,7 +40,7 @@ from .weighted_decode import (estimate_decode, estimate_decode_ref, merge_states
                               weighted_decode_ref)
 
 __all__ = [
-    "use_triton",
+    "use_triton", "cdiv", "next_pow2",
     "add_rms_norm", "add_rms_norm_ref", "rms_norm",
     "apply_rope", "apply_rope_ref", "rope_ref",
     "silu_mul", "silu_mul_ref",

@@ -92,13 +92,13 @@ class ModelConfig:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        """K and V of every layer for one token."""
-        elem = torch.tensor([], dtype=dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16, layers: int | None = None) -> int:
+        """K and V of one token in `layers` layers (default: every layer of the model)."""
+        layers = self.num_layers if layers is None else layers
+        return 2 * layers * self.num_kv_heads * self.head_dim * dtype.itemsize
 
     def weight_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        elem = torch.tensor([], dtype=dtype).element_size()
+        elem = dtype.itemsize
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
         per_layer = attn + 3 * h * i + 2 * h

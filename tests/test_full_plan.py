@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from retroinfer.attention import make_backend
-from retroinfer.attention.base import pow2_bucket
+from retroinfer.kernels import next_pow2
 from retroinfer.attention.full import PAGE
 from retroinfer.models.presets import preset_config
 
@@ -24,7 +24,7 @@ def _old_plan(tables: list[list[int]], lens: list[int], scratch: int, batch: int
     if batch is None:
         return plan
     B, w = table.shape
-    static = (torch.full((batch, pow2_bucket(w)), scratch, dtype=torch.int32), torch.ones(batch, dtype=torch.int32),
+    static = (torch.full((batch, next_pow2(w)), scratch, dtype=torch.int32), torch.ones(batch, dtype=torch.int32),
               torch.full((batch,), scratch, dtype=torch.long), torch.zeros(batch, dtype=torch.long))
     static[0][:B, :w] = table
     for s, p in zip(static[1:], plan[1:]):
@@ -53,7 +53,7 @@ def test_packed_plan_equals_the_old_plan(seed):
     tables, lens = [tables[i] for i in order], [lens[i] for i in order]
     old = _old_plan(tables, lens, fb.scratch_page)
     W = plan.width
-    assert plan.batch == pow2_bucket(B) and W == pow2_bucket(old[0].shape[1])
+    assert plan.batch == next_pow2(B) and W == next_pow2(old[0].shape[1])
     # Eager form: the same values wherever the kernel reads; past a row's length, its own pages then scratch.
     assert torch.equal(plan.lengths, old[1]) and torch.equal(plan.write_page, old[2])
     assert torch.equal(plan.write_off, old[3])

@@ -11,6 +11,7 @@ from pathlib import Path
 from retroinfer.config import parse_dtype
 from retroinfer.engine.llm_engine import check_request, load_model_config
 from retroinfer.engine.sampling import SamplingParams
+from retroinfer.engine.sequence import footprint_tokens
 from retroinfer.engine.tokenizer import load_tokenizer
 
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, JobRequest,
@@ -118,5 +119,5 @@ class Frontend:
         except ValueError as e:
             code = "context_length_exceeded" if "context" in str(e) else "invalid_request"
             raise APIError(400, str(e), code=code) from None
-        kv_bytes = (len(ids) + params.max_tokens) * self.bytes_per_token
+        kv_bytes = footprint_tokens(len(ids), params) * self.bytes_per_token
         return Prepared(f"{kind}-{uuid.uuid4().hex}", ids, params, kv_bytes)

@@ -7,6 +7,7 @@ infinity anywhere."""
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Literal
 
@@ -30,7 +31,7 @@ class APIError(Exception):
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
             return {}
-        return {"Retry-After": str(max(1, int(-(-self.retry_after_s // 1))))}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
     def body(self) -> dict:
         return {"error": {"message": _printable(self.message), "type": self.TYPES.get(self.status, "error"),

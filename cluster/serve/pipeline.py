@@ -14,7 +14,6 @@ created in the replica's placement group, and `RayPipelineExecutor`, which has t
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Hashable
 
 import ray
@@ -27,6 +26,7 @@ from retroinfer.config import EngineConfig, ModelConfig, parse_dtype
 from retroinfer.engine.executor import split_layers
 from retroinfer.engine.protocol import EngineStats
 from retroinfer.engine.stage import Stage
+from retroinfer.kernels import cdiv
 from retroinfer.numa import binding_report
 
 
@@ -150,7 +150,7 @@ class RayPipelineExecutor:
     def prefill_steps(self, seq_id: Hashable, ids: torch.Tensor, progress: Callable[[int], None] | None = None):
         """One remote call per unit, yielding after each; hidden states go stage to stage as
         ObjectRefs. Closing the generator (an abort) cancels the stage's prefill."""
-        units_per_layer = math.ceil(len(ids) / self.cfg.prefill_chunk)
+        units_per_layer = cdiv(len(ids), self.cfg.prefill_chunk)
         x, st = ids, None
         try:
             for st, layers in zip(self.stages, self.layer_ranges):

@@ -9,11 +9,6 @@ import torch
 from ..config import ModelConfig
 
 
-def pow2_bucket(n: int) -> int:
-    """The smallest power of two >= n: shape buckets, so that CUDA graphs serve many steps."""
-    return 1 << max(0, n - 1).bit_length()
-
-
 class KVCapacityError(RuntimeError):
     """A sequence's KV does not fit. `ever` is False when it could fit once others finish."""
 
@@ -43,8 +38,7 @@ class AttentionBackend(ABC):
     @property
     def bytes_per_token(self) -> int:
         """KV bytes of one token over this backend's layers."""
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * len(self.layer_ids) * self.cfg.num_kv_heads * self.cfg.head_dim * elem
+        return self.cfg.kv_bytes_per_token(self.dtype, len(self.layer_ids))
 
     @abstractmethod
     def reserve(self, seq_id: Hashable, num_tokens: int) -> None: ...

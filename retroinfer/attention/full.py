@@ -7,8 +7,9 @@ from typing import Hashable
 import numpy as np
 import torch
 
+from ..kernels import cdiv, next_pow2
 from ..kernels.paged_decode import paged_decode
-from .base import AttentionBackend, KVCapacityError, pow2_bucket
+from .base import AttentionBackend, KVCapacityError
 
 PAGE = 64
 
@@ -33,7 +34,7 @@ class PageAllocator:
 
 
 def _packed_size(batch: int, width: int) -> int:
-    return 2 * batch + -(-batch * (width + 1) // 2)
+    return 2 * batch + cdiv(batch * (width + 1), 2)
 
 
 @dataclass
@@ -90,13 +91,13 @@ class FullAttention(AttentionBackend):
         return self.bytes_per_token * self.page_size
 
     def reserve(self, seq_id, num_tokens):
-        self.tables[seq_id] = np.array(self.pages.alloc(-(-num_tokens // self.page_size)), dtype=np.int32)
+        self.tables[seq_id] = np.array(self.pages.alloc(cdiv(num_tokens, self.page_size)), dtype=np.int32)
         self.seq_len[seq_id] = 0
 
     def write_prefill(self, layer, seq_id, k, v, start):
         T = k.shape[0]
         first = start // self.page_size
-        pages = torch.from_numpy(self.tables[seq_id][first:-(-(start + T) // self.page_size)])
+        pages = torch.from_numpy(self.tables[seq_id][first:cdiv(start + T, self.page_size)])
         pos = torch.arange(start, start + T, device=self.device)
         # A pageable non-blocking copy is staged by the driver before it returns: no stream sync.
         slot = pages.to(self.device, non_blocking=True).long()[pos // self.page_size - first]
@@ -111,7 +112,7 @@ class FullAttention(AttentionBackend):
         non-blocking copies recorded on it have completed: no step overwrites a plan in flight."""
         n = len(seq_ids)
         lens = np.fromiter((self.seq_len[s] for s in seq_ids), dtype=np.int64, count=n)
-        batch, width = pow2_bucket(n), pow2_bucket(-(-(int(lens.max()) + 1) // self.page_size))
+        batch, width = next_pow2(n), next_pow2(cdiv(int(lens.max()) + 1, self.page_size))
         buf = torch.empty(_packed_size(batch, width), dtype=torch.int64,
                           pin_memory=self.device.type == "cuda")
         a = buf.numpy()

@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 from ..config import QuestConfig, WaveConfig
-from ..kernels import use_triton
+from ..kernels import cdiv, next_pow2, use_triton
 from ..kernels.paged_decode import paged_decode
-from .base import pow2_bucket
 from .full import FullAttention, PagedPlan
 
 
@@ -148,7 +147,7 @@ class QuestAttention(FullAttention):
         super().write_prefill(layer, seq_id, k, v, start)
         page, end = self.page_size, start + k.shape[0]
         first = start // page
-        ids = np.arange(first, -(-end // page))
+        ids = np.arange(first, cdiv(end, page))
         pages = torch.from_numpy(self.tables[seq_id][ids]).to(self.device, non_blocking=True).long()
         kp = self.k[layer][pages]                                          # [n, page, Hkv, D]
         pos = torch.from_numpy(ids).to(self.device)[:, None] * page + torch.arange(page, device=self.device)
@@ -167,10 +166,10 @@ class QuestAttention(FullAttention):
         kp = keep.numpy()
         for i, s in enumerate(seq_ids):
             n = self.seq_len[s]
-            pages = -(-n // page)
-            want = -(-self.quest.budget_tokens(self.wave, self.prompt_len[s], n) // page)
+            pages = cdiv(n, page)
+            want = cdiv(self.quest.budget_tokens(self.wave, self.prompt_len[s], n), page)
             kp[i] = min(pages, max(want, 1 + (self.quest.sink_page and pages > 1)))
-        top = min(pow2_bucket(int(kp.max())), paged.width)
+        top = min(next_pow2(int(kp.max())), paged.width)
         return QuestPlan(paged, keep, top)
 
     def decode(self, layer, plan: QuestPlan, q, k, v):

@@ -17,6 +17,7 @@ from typing import Hashable
 import torch
 
 from ..config import WaveConfig
+from ..kernels import cdiv, next_pow2
 from ..kernels.centroid_scores import centroid_logits
 from ..kernels.gather import cluster_rows, gather_clusters_batched, gather_clusters_cached
 from ..kernels.select import select_zones_logits
@@ -28,7 +29,7 @@ from ..wave.cache import ClusterCache
 from ..wave.host_memory import pinned_bytes
 from ..wave.index import ClusterIndex, build_index
 from ..wave.pools import WavePools
-from .base import AttentionBackend, KVCapacityError, pow2_bucket
+from .base import AttentionBackend, KVCapacityError
 
 
 @dataclass
@@ -60,10 +61,22 @@ class WavePlan:
 
 
 AUTO_CACHE_MAX = 0.9    # the largest share of the host pool an "auto" GPU cache holds
+CACHE_SLACK = 1.1       # GPU budget per byte of cached KV: 10% more, for the cache's maps and stamps
+# A step's caps are rounded up to these, so that a CUDA graph captured for them serves many steps.
+SCORE_ROUND = 512       # clusters scored per slot
+RETRIEVE_ROUND = 16     # retrieval-zone clusters
+ESTIMATE_ROUND = 64     # estimation-zone clusters
+ROWS_ROUND = 256        # execution-buffer rows of the retrieved KV
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+def round_up(n: int, m: int) -> int:
+    return cdiv(n, m) * m
+
+
+def zone_caps(retrieve: int, estimate: int) -> tuple[int, int]:
+    """A step's retrieval and estimation caps for its largest zones (before the bound by the
+    scored width)."""
+    return round_up(retrieve, RETRIEVE_ROUND), round_up(estimate, ESTIMATE_ROUND)
 
 
 class WaveAttention(AttentionBackend):
@@ -89,11 +102,11 @@ class WaveAttention(AttentionBackend):
             tokens = min(self._host_tokens(host_kv_budget_bytes, len(layer_ids)),
                          int(gpu_free / (bpt * self.cluster_ratio)))
             spare = gpu_free / (bpt * max(tokens, 1)) - self.cluster_ratio
-            self.cache_fraction = max(0.0, min(AUTO_CACHE_MAX, spare / 1.1))
+            self.cache_fraction = max(0.0, min(AUTO_CACHE_MAX, spare / CACHE_SLACK))
         else:   # the GPU holds the meta-index and the cluster cache (cache_fraction of the tokens)
             self.cache_fraction = float(wave.cache_fraction)
             tokens = min(self._host_tokens(host_kv_budget_bytes, len(layer_ids)),
-                         int(gpu_free / (bpt * (self.cluster_ratio + 1.1 * self.cache_fraction))))
+                         int(gpu_free / (bpt * (self.cluster_ratio + CACHE_SLACK * self.cache_fraction))))
         if tokens < wave.update_every:
             raise ValueError(f"KV budget of {kv_budget_bytes / 2**20:.1f} MiB (GPU) / "
                              f"{(host_kv_budget_bytes or 0) / 2**20:.1f} MiB (host) leaves no room for the "
@@ -181,7 +194,7 @@ class WaveAttention(AttentionBackend):
     def plan_decode(self, seq_ids):
         states = [self.seqs[s] for s in seq_ids]
         H = self.cfg.num_kv_heads
-        S = min(pow2_bucket(max(st.slot for st in states) + 1), self.pools.slots)
+        S = min(next_pow2(max(st.slot for st in states) + 1), self.pools.slots)
         steady = torch.zeros(S, dtype=torch.int32)
         counts = torch.zeros(S, dtype=torch.int32)
         base = torch.zeros(S, dtype=torch.long)
@@ -192,11 +205,11 @@ class WaveAttention(AttentionBackend):
             if st.clusters:
                 retrieve[st.slot], estimate[st.slot] = self.wave.zone_sizes(st.clusters)
         # Caps rounded up, so that a CUDA graph captured for them serves many steps.
-        W = min(_round_up(int(counts.max()), 512), self.pools.clusters.capacity)
-        K = min(_round_up(int(retrieve.max()), 16) + _round_up(int(estimate.max()), 64), W)
-        R = min(_round_up(int(retrieve.max()), 16), K)
-        E = min(_round_up(int(estimate.max()), 64), K)
-        rows = _round_up(R * self.max_cluster, 256) if R else 0
+        W = min(round_up(int(counts.max()), SCORE_ROUND), self.pools.clusters.capacity)
+        R_cap, E_cap = zone_caps(int(retrieve.max()), int(estimate.max()))
+        K = min(R_cap + E_cap, W)
+        R, E = min(R_cap, K), min(E_cap, K)
+        rows = round_up(R * self.max_cluster, ROWS_ROUND) if R else 0
         dev = self.device
         plan = WavePlan(
             seq_ids=list(seq_ids),
@@ -332,7 +345,7 @@ class WaveAttention(AttentionBackend):
                "sequences": len(self.seqs), "wave_clusters": sum(st.clusters for st in self.seqs.values()),
                "kv_footprint_bytes": {s: st.tokens * bpt for s, st in self.seqs.items()}}
         if self.offload:
-            row = 2 * self.cfg.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+            row = 2 * self.cfg.head_dim * self.dtype.itemsize          # K and V of one head
             retrieved, hits, rows, src_rows = self.counters.tolist()
             total = src_rows * row
             out.update(retrieved_clusters=retrieved, cache_hits=hits, gathered_rows=rows, pcie_rows=src_rows,

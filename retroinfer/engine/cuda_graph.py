@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.base import pow2_bucket
+from ..kernels import next_pow2
 from ..side_stream import SideStream
 
 
@@ -41,7 +41,7 @@ class DecodeGraphs:
         then, in stream order or on the host: the next stage copies it into its own input, the
         sampler reduces it and reads the tokens back (`.tolist()`), a Ray stage copies it to the
         host. A caller that keeps a step's output across steps must clone it."""
-        key = (pow2_bucket(x.shape[0]), self.stage.backend.graph_key(plan))
+        key = (next_pow2(x.shape[0]), self.stage.backend.graph_key(plan))
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(key[0], plan, x, positions)

@@ -26,7 +26,7 @@ from .executor import LocalExecutor
 from .protocol import EngineStats, ErrorCode, Executor, FinishReason, RequestOutput
 from .sampling import Sampler, SamplingParams
 from .scheduler import PrefillWork, Scheduler
-from .sequence import Phase, Sequence
+from .sequence import Phase, Sequence, footprint_tokens
 from .tokenizer import IncrementalDetokenizer, load_tokenizer
 
 log = logging.getLogger("ray.serve.retroinfer")
@@ -43,7 +43,7 @@ def check_request(prompt_ids: list[int], params: SamplingParams, max_model_len: 
     Raises ValueError with a user-facing message if the request can never run."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
-    n = len(prompt_ids) + params.max_tokens
+    n = footprint_tokens(len(prompt_ids), params)
     if n > max_model_len:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} = {n} "
                          f"exceeds the model's context of {max_model_len} tokens")
@@ -120,9 +120,6 @@ class LLMEngine:
     def running(self) -> list[Sequence]:
         """The decode batch (read-only; benchmarks read it)."""
         return self.scheduler.running
-
-    def kv_bytes_for(self, num_tokens: int) -> int:
-        return num_tokens * self.bytes_per_token
 
     def engine_stats(self) -> EngineStats:
         s, sch = self.executor.stats(), self.scheduler

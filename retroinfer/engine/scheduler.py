@@ -28,13 +28,13 @@ budget) may start beside them, also when a long one ahead of it waits for that r
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Hashable, Protocol
 
 from ..attention import KVCapacityError
+from ..kernels import cdiv
 from .protocol import Admission, AdmissionError, ErrorCode, FinishReason
 from .sequence import Phase, Sequence
 
@@ -126,12 +126,12 @@ class Scheduler:
 
     # -- the cost of prefill -----------------------------------------------------------------
     def units_total(self, seq: Sequence) -> int:
-        return self.num_layers * math.ceil(len(seq.prompt_ids) / self.chunk)
+        return self.num_layers * cdiv(len(seq.prompt_ids), self.chunk)
 
     def cost_done(self, seq: Sequence, units: int) -> int:
         """Token-layers of a prompt's first `units` units (chunk-major within a layer)."""
         T = len(seq.prompt_ids)
-        per_layer = math.ceil(T / self.chunk)
+        per_layer = cdiv(T, self.chunk)
         return (units // per_layer) * T + min(T, (units % per_layer) * self.chunk)
 
     def cost_left(self, seq: Sequence) -> int:

@@ -10,7 +10,13 @@ from .protocol import ErrorCode, FinishReason, RequestOutput
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDetokenizer
 
-__all__ = ["Phase", "RequestOutput", "Sequence"]
+__all__ = ["Phase", "RequestOutput", "Sequence", "footprint_tokens"]
+
+
+def footprint_tokens(prompt_tokens: int, params: SamplingParams) -> int:
+    """Tokens whose KV a request may hold at its end (prompt + max_tokens): reserved whole before
+    its prefill, so that a running request never runs out of KV."""
+    return prompt_tokens + params.max_tokens
 
 
 class Phase(str, enum.Enum):
@@ -47,8 +53,7 @@ class Sequence:
 
     @property
     def footprint_tokens(self) -> int:
-        """Tokens whose KV the sequence may hold at its end: reserved up front."""
-        return len(self.prompt_ids) + self.params.max_tokens
+        return footprint_tokens(len(self.prompt_ids), self.params)
 
     def output(self, new_ids: list[int], text: str) -> RequestOutput:
         return RequestOutput(self.request_id, new_ids, text, self.phase is Phase.DONE, self.finish_reason,

@@ -42,8 +42,8 @@ class Stage:
         # K/V besides the cache.
         max_len = cfg.max_model_len or model_cfg.max_position_embeddings
         max_len += (cfg.prefill_budget_tokens or 0) * cfg.max_batch
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        headroom = max_len * (model_cfg.hidden_size + 2 * model_cfg.num_kv_heads * model_cfg.head_dim) * elem
+        elem = self.dtype.itemsize
+        headroom = max_len * (model_cfg.hidden_size * elem + model_cfg.kv_bytes_per_token(self.dtype, layers=1))
         headroom += cfg.prefill_chunk * (3 * model_cfg.hidden_size + 2 * model_cfg.intermediate_size) * elem * 2
         budget = cfg.kv_budget_bytes or default_kv_budget(self.device, headroom)
         host_budget = None

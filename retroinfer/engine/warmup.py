@@ -22,11 +22,11 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from ..attention.base import pow2_bucket
+from ..kernels import next_pow2
 from .executor import default_device
 from .protocol import Admission
 from .sampling import SamplingParams
-from .sequence import Phase
+from .sequence import Phase, footprint_tokens
 
 
 @dataclass
@@ -46,7 +46,7 @@ class WarmupReport:
     @property
     def buckets(self) -> list[int]:
         """The power-of-two batch buckets decoded at (those the CUDA graphs are keyed by)."""
-        return sorted({pow2_bucket(b) for b in self.batch_sizes})
+        return sorted({next_pow2(b) for b in self.batch_sizes})
 
     def summary(self) -> str:
         b = self.batch_sizes
@@ -101,7 +101,7 @@ def warm_up_length(engine, tokens: int, batch: int | None = None, decode_steps: 
 
     try:
         for j in range(B):
-            if j and sch.check(n + max_tokens) is not Admission.ADMITTED:
+            if j and sch.check(footprint_tokens(n, params)) is not Admission.ADMITTED:
                 break                     # the KV holds no more of these: the batch sizes so far
             rid = f"__warmup_{n}_{j}__"
             engine.add_request(rid, _prompt(n, j, vocab), params)   # raises if it can never fit

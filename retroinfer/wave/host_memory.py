@@ -48,7 +48,7 @@ def pinned_tensors(count: int, shape, dtype: torch.dtype, device: torch.device) 
     numel = 1
     for n in shape:
         numel *= n
-    nbytes = numel * torch.tensor([], dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     out = []
     with numa.preferred_node(gpu_numa_node(device)):
         for slab_bytes, take in slab_plan(count, nbytes):

@@ -2,12 +2,12 @@
 the KV in cluster-contiguous order, and the meta-index (centroids, value means, sizes)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..config import WaveConfig
+from ..kernels import cdiv
 from ..kernels.cluster_layout import cluster_order, cluster_reorder
 from ..kernels.kmeans import kmeans_assign, spherical_kmeans
 
@@ -47,8 +47,8 @@ def _normalise(c: torch.Tensor) -> torch.Tensor:
 
 def segment_layout(n: int, segment: int) -> tuple[int, int]:
     """Segments of about `segment` rows covering n rows: (count, rows per segment)."""
-    nseg = max(1, math.ceil(n / segment))
-    return nseg, math.ceil(n / nseg)
+    nseg = max(1, cdiv(n, segment))
+    return nseg, cdiv(n, nseg)
 
 
 def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int,
@@ -61,7 +61,7 @@ def segmented_kmeans(x: torch.Tensor, segment: int, per_cluster: int, iters: int
     H, D = x.shape[0], x.shape[2]
     N = x.shape[1] if n is None else n
     nseg, seg_len = segment_layout(N, segment)
-    K = clusters or max(1, math.ceil(seg_len / per_cluster))
+    K = clusters or max(1, cdiv(seg_len, per_cluster))
     if x.shape[1] != nseg * seg_len or not x.is_contiguous():
         x = torch.nn.functional.pad(x[:, :N], (0, 0, 0, nseg * seg_len - N)).contiguous()
     xs = x.view(H * nseg, seg_len, D)

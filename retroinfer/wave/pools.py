@@ -90,10 +90,10 @@ class WavePools:
     @staticmethod
     def bytes_needed(cfg: ModelConfig, layers: int, dtype: torch.dtype, max_seqs: int, steady_cap: int,
                      tokens: int, clusters: int) -> int:
-        elem = torch.tensor([], dtype=dtype).element_size()
-        row = cfg.num_kv_heads * cfg.head_dim * elem
-        per_layer = (2 * (max_seqs + 1) * steady_cap + 2 * tokens + 2 * clusters) * row \
-            + cfg.num_kv_heads * clusters * 8
+        # a steady row and a pool token hold K and V; a cluster its centroid and value mean
+        kv = cfg.kv_bytes_per_token(dtype, layers=1)
+        per_layer = ((max_seqs + 1) * steady_cap + tokens + clusters) * kv \
+            + cfg.num_kv_heads * clusters * 8                   # log size (fp32) and offset (int32)
         return layers * per_layer
 
     def ready(self) -> None:
