@@ -41,7 +41,7 @@ def _silu_mul_kernel(
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    """Plain torch, as the MLP has always done it (the CPU path and the test oracle)."""
+    """Plain torch (the CPU path and the test oracle)."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

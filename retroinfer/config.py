@@ -88,10 +88,6 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p.parent}: malformed JSON ({e.msg} at line {e.lineno})") from None
 
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16, layers: int | None = None) -> int:
         """K and V of one token in `layers` layers (default: every layer of the model)."""
         layers = self.num_layers if layers is None else layers
@@ -172,10 +168,6 @@ class WaveConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"wave config: {msg}")
-
-    def min_indexed_tokens(self) -> int:
-        """Prompts shorter than this run dense until decoding makes them long enough."""
-        return self.sink + self.window + self.segment_size // 8
 
     def zone_sizes(self, num_clusters: int) -> tuple[int, int]:
         r = min(num_clusters, max(1, math.ceil(num_clusters * self.retrieval_frac)))

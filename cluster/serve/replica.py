@@ -80,9 +80,9 @@ class LLMReplica:
         """Before the replica takes traffic (and says healthy): for each length, max_batch requests
         through the ordinary scheduling path, joining one at a time (`engine/warmup.py`), so that
         the Triton compiles and CUDA-graph captures of every decode batch bucket and of the mixed
-        step (a prefill chunk beside a decode batch) happen here, not inside user requests. On an
-        H200 (8B, wave, 32K prompts) a warm-up of one lone request left 3-5.6 s decode stalls in the
-        first replay, each time the batch reached a size the warm-up had not decoded."""
+        step (a prefill chunk beside a decode batch) happen here, not inside user requests: each batch
+        size a warm-up has not decoded stalls the first decode step that reaches it (3-5.6 s on an
+        H200 for an 8B model with wave attention at 32K)."""
         cap = default_batch(self.engine)     # 1 on a CPU: nothing there compiles per batch size
 
         def said(rep) -> None:

@@ -10,7 +10,8 @@ from ..config import ModelConfig
 
 
 class KVCapacityError(RuntimeError):
-    """A sequence's KV does not fit. `ever` is False when it could fit once others finish."""
+    """A sequence's KV does not fit now. `ever`: it could fit once other sequences free theirs
+    (False: it is larger than the whole cache, and never fits)."""
 
     def __init__(self, msg: str, ever: bool):
         super().__init__(msg)

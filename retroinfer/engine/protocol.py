@@ -70,7 +70,7 @@ class EngineStats:
     """What an engine reports. Stages' backend dicts become one through `merge` (KV bytes, PCIe
     traffic, pool and cache sizes add up: a sequence fits only where every stage has room; other
     numbers are the first stage's); the engine adds its scheduler's counts. `as_dict` is the flat
-    dict the serving layer reads (the keys `engine.stats()` has always had)."""
+    dict the serving layer and the benchmarks read (`engine.stats()`)."""
     capacity_bytes: int = _additive()
     used_bytes: int = _additive()
     # wave offload (present when a backend reports them)

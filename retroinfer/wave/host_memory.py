@@ -23,7 +23,7 @@ def slab_plan(count: int, nbytes: int) -> list[tuple[int, int]]:
     """How `count` equal tensors of `nbytes` are carved from power-of-two slabs: [(slab bytes,
     tensors in it)]. torch's pinned allocator rounds every request up to a power of two, so a
     pool asked for tensor by tensor can take twice its size (a 66 GiB pool of 64 layers' K and V
-    took 128 GiB and was killed). Big slabs first, each the largest power of two the remaining
+    would pin 128 GiB). Big slabs first, each the largest power of two the remaining
     tensors fill; the last rounds up, by less than one tensor's worth of the remainder."""
     plan, left = [], count
     while left > 0:
