@@ -8,7 +8,7 @@ from `kubectl kustomize`):
   generatorOptions.labels;
 - patches given by `path` or inline `patch`, holding a JSON6902 op list (RFC 6902 add, remove,
   replace, test), applied to the objects matched by `target` (group, version, kind, name).
-tests/test_k8s.py compares this renderer with `kubectl kustomize` where kubectl is installed.
+tests/deploy/test_k8s.py compares this renderer with `kubectl kustomize` where kubectl is installed.
 """
 
 import copy

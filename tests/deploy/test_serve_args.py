@@ -8,7 +8,7 @@ import yaml
 pytest.importorskip("ray")
 from retroinfer.deployments.app import AppArgs, plan_replica  # noqa: E402
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deployments"
+DEPLOY = Path(__file__).resolve().parents[2] / "deployments"
 H100x8 = {"CPU": 128, "GPU": 8, "numa_node": 2}
 
 

@@ -13,7 +13,7 @@ import yaml
 from retroinfer import cli
 from retroinfer.models.presets import preset_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--prompt", "hi", "--max-tokens", "2", "--device", "cpu"]
 
 

@@ -16,7 +16,7 @@ from retroinfer.config import ConfigError  # noqa: E402
 from retroinfer.models.catalog import resolve_model  # noqa: E402
 from tests.serve_util import free_port, start_app, wait_for  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

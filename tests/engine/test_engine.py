@@ -56,7 +56,7 @@ def test_incremental_detokenizer_matches_full_decode(tmp_path):
 
     from retroinfer.engine.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer
 
-    from .hf_models import make_tokenizer
+    from tests.hf_models import make_tokenizer
     make_tokenizer(tmp_path, 384)
     rng = random.Random(0)
     text = "naïve café — 東京 the quick brown fox, hello world! " * 3

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 from tests.serve_util import PAGE_BYTES, PAGE_TOKENS, cluster, free_port, start_app, wait_for, wait_idle  # noqa: E402
 
 PAGES = 16
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from retroinfer.engine.llm_engine import LLMEngine
 from retroinfer.engine.sampling import SamplingParams
 from retroinfer.engine.stage import Stage
 
-from .hf_models import make_hf_model
+from tests.hf_models import make_hf_model
 
 CASES = {
     "llama-gqa": dict(arch="llama"),

@@ -22,7 +22,7 @@ from retroinfer.config import EngineConfig
 from retroinfer.engine.llm_engine import LLMEngine
 from retroinfer.engine.sampling import SamplingParams
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEY_A, KEY_B = "key-a-0123456789", "key-b-9876543210"
 PAGES = 16                   # KV per replica: 16 pages of 64 tokens (1024 tokens)
 MAX_BODY = 64 << 10

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_ruler as br  # noqa: E402
 
 from retroinfer.engine.tokenizer import ByteTokenizer, HFTokenizer  # noqa: E402
 
-from .hf_models import make_tokenizer  # noqa: E402
+from tests.hf_models import make_tokenizer  # noqa: E402
 
 NIAH = [t for t in br.TASKS if t.startswith("niah")]
 

@@ -20,7 +20,7 @@ from retroinfer.cluster.serve import prometheus as prom
 from retroinfer.cluster.serve.engine_loop import EngineLoop
 
 parser = pytest.importorskip("prometheus_client.parser")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEY = "metrics-key-0123456789"
 GREEDY = {"temperature": 0, "ignore_eos": True}
 

@@ -3,7 +3,7 @@ exact attention in every layer; the default configuration does not (the harness 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_wave_error as bwe  # noqa: E402
 
 

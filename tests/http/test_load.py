@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 from tests.fuzz import fuzz_body  # noqa: E402
 from tests.serve_util import serve_tiny, PAGE_BYTES, free_port, start_app, wait_for, wait_idle  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLIENTS = 64
 PER_CLIENT = 3
 MAX_TOKENS = 8

@@ -9,7 +9,7 @@ from retroinfer.config import EngineConfig
 from retroinfer.engine.llm_engine import LLMEngine
 from retroinfer.engine.warmup import warm_up
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
 def _engine(**kw):
@@ -21,7 +21,7 @@ def _engine(**kw):
 @pytest.mark.parametrize("attention", ["full", "wave"])
 def test_warm_up_decodes_every_batch_bucket_and_the_mixed_step(attention):
     from retroinfer.config import WaveConfig
-    from tests.test_wave import SMALL_WAVE
+    from tests.wave.test_wave import SMALL_WAVE
     kw = dict(offload=True, host_kv_budget_bytes=1 << 24, kv_budget_bytes=1 << 26,
               wave=WaveConfig(**SMALL_WAVE)) if attention == "wave" else {}
     eng = _engine(attention=attention, **kw)

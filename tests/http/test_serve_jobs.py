@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 
 from tests.serve_util import cluster, free_port, start_app, wait_for  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LONG = 1500          # decode tokens: long enough to kill something mid-job (~150 tokens/s here)
 OUTLIVES = 3000      # ... and to outlive a restart of the ingress (~13 s here) if nothing stopped it
 

