@@ -11,12 +11,10 @@ import json
 import random
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-import yaml
 
 from retroinfer.config import EngineConfig
 from retroinfer.engine.llm_engine import LLMEngine
@@ -104,18 +102,6 @@ def _run_all_one(prompt, n):
     return _run_all(eng)["ok"]
 
 
-@dataclass
-class _Out:
-    request_id: str
-    token_ids: list = field(default_factory=list)
-    text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
 class _BrokenEngine:
     """Takes requests; its step() raises: a failure that is not any request's."""
     on_prefill_progress = None
@@ -173,29 +159,15 @@ ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 
 from tests.fuzz import fuzz_body  # noqa: E402
-from tests.serve_util import PAGE_BYTES, PAGE_TOKENS, cluster, free_port, start_app, wait_for, wait_idle  # noqa: E402
+from tests.serve_util import PAGE_BYTES, PAGE_TOKENS, cluster, serve_tiny, wait_for, wait_idle  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def base_url():
-    from ray import serve
-    from retroinfer.deployments.app import AppArgs
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="error", log_to_driver=False)
-    port = free_port()
-    args = yaml.safe_load((REPO / "deployments/tiny.yaml").read_text())["applications"][0]["args"]
-    args.update(kv_pool_gb=PAGES * PAGE_BYTES / 2**30, max_model_len=4096, routing_stats_period_s=0.2,
-                retry_after_s=1, max_batch=4, warmup_tokens=[64], api_key=[KEY_A, KEY_B],
-                max_body_bytes=MAX_BODY, body_timeout_s=1.0, max_queued_jobs=2,
-                request_timeout_s=REQUEST_TIMEOUT_S)
-    if "jobs_db" in AppArgs.model_fields:
-        args["jobs_db"] = ":memory:"
-    start_app(args, port)
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=60) as c:
-        wait_for(lambda: c.get("/health").status_code == 200, 120, interval=0.5, what="the app to be ready")
-    yield url
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_tiny(REPO, kv_pool_gb=PAGES * PAGE_BYTES / 2**30, max_model_len=4096, routing_stats_period_s=0.2,
+                          retry_after_s=1, max_batch=4, warmup_tokens=[64], api_key=[KEY_A, KEY_B],
+                          max_body_bytes=MAX_BODY, body_timeout_s=1.0, max_queued_jobs=2,
+                          request_timeout_s=REQUEST_TIMEOUT_S, jobs_db=":memory:")
 
 
 @pytest.fixture(scope="module")

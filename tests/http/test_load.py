@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 
 from tests.fuzz import fuzz_body  # noqa: E402
-from tests.serve_util import serve_tiny, PAGE_BYTES, free_port, start_app, wait_for, wait_idle  # noqa: E402
+from tests.serve_util import PAGE_BYTES, serve_tiny, wait_idle  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = 64

@@ -14,7 +14,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-import yaml
 
 from retroinfer.cluster.serve import prometheus as prom
 from retroinfer.cluster.serve.engine_loop import EngineLoop
@@ -122,7 +121,7 @@ def test_engine_ready_is_the_replicas_health():
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 
-from tests.serve_util import serve_tiny, PAGE_BYTES, cluster, free_port, start_app, wait_for  # noqa: E402
+from tests.serve_util import PAGE_BYTES, cluster, serve_tiny, wait_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
