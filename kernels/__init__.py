@@ -19,7 +19,18 @@ This face exports what the engine (``retroinfer/``) and the tests call, by the l
 A module and the function of the same name (``cache_plan``, ``centroid_scores``, ``paged_decode``,
 ``step_inputs``, ``weighted_decode``): the package attribute is the function; reach the module's
 ``TUNE`` with ``from retroinfer.kernels.cache_plan import TUNE`` or ``importlib.import_module``.
+
+This folder is ``retroinfer.kernels`` only. Where the repository root is on ``sys.path`` (``python
+-m ...`` or ``serve run`` in a checkout, and the Ray workers they start), ``import kernels`` finds it
+as a top-level package and would shadow the PyPI package ``kernels``, which transformers imports
+(when it is installed) as it loads a tokenizer or a model; imported under that name, this module
+hands the name over to that package (see the end of the file).
 """
+
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
 
 from ._triton_util import cdiv, next_pow2, use_triton
 from .cache_plan import cache_plan, cache_plan_ref
@@ -57,3 +68,23 @@ __all__ = [
     "estimate_decode", "estimate_decode_ref", "weighted_decode", "weighted_decode_ref",
     "merge_partials", "merge_partials_ref", "merge_states",
 ]
+
+
+def _hand_over_the_name() -> None:
+    """Imported as top-level ``kernels``: put the PyPI package of that name, found on the rest of
+    the path, in ``sys.modules`` (an import returns what ``sys.modules`` holds once the module has
+    run), and forget this folder's modules under that name."""
+    checkout = Path(__file__).resolve().parents[1]
+    spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if Path(p or ".").resolve() != checkout])
+    if spec is None:            # no such package installed: nothing to shadow
+        return
+    for name in [n for n in sys.modules if n.startswith("kernels.")]:
+        del sys.modules[name]
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _hand_over_the_name()
