@@ -81,6 +81,9 @@ class AppArgs(BaseModel):
     # synthetic requests a replica runs before it serves, one per length (0 or []: none); a length
     # the service expects compiles that length's kernel variants before the first user needs them
     warmup_tokens: tuple[int, ...] = (2048,)
+    # an engine step running longer than this is a stall (hung kernel or stage): the replica turns
+    # unhealthy, its requests end with an error and Serve replaces it (None: never)
+    step_timeout_s: float | None = Field(600.0, gt=0)
 
     @field_validator("warmup_tokens", mode="before")
     @classmethod
@@ -194,7 +197,7 @@ def plan_replica(a: AppArgs, resources: dict) -> tuple[EngineConfig, dict, dict]
         bundles[0]["numa_node"] = math.floor(10_000 / per_node) / 10_000
     opts = dict(stages=stages, executor=executor, stage_num_cpus=a.cpus_per_stage, stage_num_gpus=gpu,
                 micro_batches=a.micro_batches, num_threads=threads, retry_after_s=a.retry_after_s,
-                warmup_tokens=a.warmup_tokens)
+                warmup_tokens=a.warmup_tokens, step_timeout_s=a.step_timeout_s)
     serve_opts = dict(num_replicas=a.num_replicas, ray_actor_options=actor, placement_group_bundles=bundles,
                       placement_group_strategy="STRICT_PACK", max_ongoing_requests=a.max_ongoing_requests,
                       max_queued_requests=a.max_queued_requests, health_check_period_s=5.0,

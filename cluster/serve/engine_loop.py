@@ -21,6 +21,12 @@ KV) and the others go on. An exception out of `engine.step()` is the engine's: e
 request ends with an error, the loop becomes unhealthy (`healthy` False: the replica's
 `check_health` raises and Serve replaces it) and `submit` refuses new requests with a 429, so the
 ingress tries another replica.
+
+A step that never returns (a hung kernel or collective, a deadlocked stage) is caught the same way:
+once one engine step has run for `step_timeout_s`, `healthy` turns False and every admitted request
+ends with an error, instead of their clients waiting on a replica that still looks healthy. Every
+step is short by construction (prefill is sliced by the scheduler's budget, layer-wise prefill
+yields per chunk and layer), so the default of 10 minutes only ever fires on a real stall.
 """
 from __future__ import annotations
 
@@ -52,8 +58,10 @@ class Rejected(Exception):
 
 class EngineLoop:
     def __init__(self, engine, *, on_step=None, on_finish=None, stats_interval_s: float = 0.25,
-                 log_interval_s: float = 30.0):
+                 log_interval_s: float = 30.0, step_timeout_s: float | None = 600.0):
         self.engine = engine
+        self.step_timeout_s = step_timeout_s
+        self._step_started: float | None = None    # monotonic start of the step in flight
         self.engine.on_prefill_progress = self._on_progress
         self.on_step = on_step                      # callback(stats) on the loop thread (metrics)
         self.on_finish = on_finish                  # callback(reason, tokens, ttft_s) as a request ends
@@ -82,7 +90,20 @@ class EngineLoop:
 
     @property
     def healthy(self) -> bool:
+        self._check_stall()
         return self.thread.is_alive() and self.failure is None
+
+    def _check_stall(self) -> None:
+        """A step past `step_timeout_s` fails the replica (once): its requests end with an error."""
+        started = self._step_started
+        if self.failure is not None or started is None or self.step_timeout_s is None:
+            return
+        ran = time.monotonic() - started
+        if ran < self.step_timeout_s:
+            return
+        self.failure = f"an engine step has not returned for {ran:.0f} s (step_timeout_s {self.step_timeout_s:g})"
+        log.error("%s: the replica is unhealthy and will be replaced", self.failure)
+        self._fail_all(f"internal error in the engine: {self.failure}")
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, kv_bytes: int) -> asyncio.Queue:
         """Admit the request or raise `Rejected`. Must run on the event loop that reads the queue."""
@@ -202,6 +223,7 @@ class EngineLoop:
             if not idle:
                 self._timing[2] += t0 - self._step_end
             idle = False
+            self._step_started = time.monotonic()
             try:
                 outputs = self.engine.step()
                 self._step_end = time.perf_counter()
@@ -214,6 +236,10 @@ class EngineLoop:
                     log.exception("engine step failed: the replica is unhealthy and will be replaced")
                 self._fail_all(f"internal error in the engine: {type(e).__name__}")
                 time.sleep(0.5)      # the step that frees the aborted requests' KV may fail again
+                continue
+            finally:
+                self._step_started = None
+            if self.failure is not None:     # declared stalled while this step ran: its outputs are void
                 continue
             t = time.perf_counter()          # when this step's tokens became available
             for out in outputs:

@@ -43,6 +43,7 @@ class ReplicaOptions:
     retry_after_s: float = 1.0
     model_name: str = "model"
     warmup_tokens: tuple[int, ...] = ()   # before serving, max_batch synthetic requests of each length
+    step_timeout_s: float | None = 600.0  # one engine step running longer: unhealthy, its requests fail
 
 
 def _replica_id() -> str:
@@ -72,7 +73,8 @@ class LLMReplica:
         except Exception:   # metrics are optional (no Ray metrics agent, e.g. some test setups)
             log.warning("metrics disabled", exc_info=True)
         self.loop = EngineLoop(self.engine, on_step=self.metrics.on_step if self.metrics else None,
-                               on_finish=self.metrics.on_finish if self.metrics else None)
+                               on_finish=self.metrics.on_finish if self.metrics else None,
+                               step_timeout_s=opts.step_timeout_s)
         log.info("replica %s: %s, %d stage(s) via %s executor, KV capacity %d bytes", self.replica_id,
                  cfg.model, opts.stages, opts.executor, self.loop.capacity_bytes)
 

@@ -108,3 +108,64 @@ def test_replica_warm_up_leaves_the_engine_empty(caplog):
     finally:
         rep.loop.shutdown()
         unlisten(caplog, logger)
+
+
+class StuckEngine(FakeEngine):
+    """Its first step never returns until released (a hung kernel or stage)."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+        self.release, self.aborted = threading.Event(), []
+
+    def step(self):
+        self.release.wait(10)
+        return super().step()
+
+    def abort(self, rid):
+        self.aborted.append(rid)
+        super().abort(rid)
+
+
+def test_a_stalled_step_fails_the_requests_and_the_health():
+    from retroinfer.cluster.serve.engine_loop import Rejected
+
+    async def go():
+        eng = StuckEngine()
+        loop = EngineLoop(eng, step_timeout_s=0.3)
+        try:
+            assert loop.healthy
+            q = loop.submit("a", [1, 2], SamplingParams(max_tokens=3), 0)
+            await asyncio.sleep(0.1)
+            assert loop.healthy and loop.failure is None        # a step in flight, not yet a stall
+            await asyncio.sleep(0.4)
+            assert not loop.healthy and "has not returned" in loop.failure
+            msg = await asyncio.wait_for(q.get(), 2)
+            assert msg["finished"] and msg["finish_reason"] == "error" and "step_timeout_s" in msg["error"]
+            assert eng.aborted == ["a"]
+            try:
+                loop.submit("b", [1], SamplingParams(max_tokens=1), 0)
+                raise AssertionError("an unhealthy loop must refuse")
+            except Rejected as e:
+                assert e.status == 429 and e.code == "replica_unhealthy"
+            eng.release.set()               # the step returns late: its output is not delivered
+            await asyncio.sleep(0.1)
+            assert q.empty() and not loop.healthy
+        finally:
+            eng.release.set()
+            loop.shutdown()
+
+    asyncio.run(go())
+
+
+def test_no_timeout_means_no_stall_check():
+    eng = StuckEngine()
+    loop = EngineLoop(eng, step_timeout_s=None)
+    try:
+        eng.add_request("a", [1], None)
+        loop._wake.set()
+        time.sleep(0.2)
+        assert loop.healthy
+    finally:
+        eng.release.set()
+        loop.shutdown()

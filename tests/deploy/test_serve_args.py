@@ -88,3 +88,13 @@ def test_jobs_store_path_and_the_ingress_node(tmp_path):
     # A node that offers the ingress resource (the KubeRay head, which mounts the jobs volume) gets
     # the ingress, even with no CPU to offer.
     assert ingress_actor_options(a, {**H100x8, INGRESS_NODE: 1}) == {"num_cpus": 0, "resources": {INGRESS_NODE: 1}}
+
+
+def test_step_timeout_reaches_the_replica_options():
+    from retroinfer.cluster.serve.replica import ReplicaOptions
+    _, opts, _ = plan_replica(AppArgs.model_validate({"model": "tiny"}), H100x8)
+    assert opts["step_timeout_s"] == 600.0 and ReplicaOptions(**opts).step_timeout_s == 600.0
+    _, opts, _ = plan_replica(AppArgs.model_validate({"model": "tiny", "step_timeout_s": None}), H100x8)
+    assert opts["step_timeout_s"] is None
+    with pytest.raises(ValueError):
+        AppArgs.model_validate({"model": "tiny", "step_timeout_s": 0})
