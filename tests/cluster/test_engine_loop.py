@@ -140,6 +140,7 @@ def test_a_stalled_step_fails_the_requests_and_the_health():
             assert loop.healthy and loop.failure is None        # a step in flight, not yet a stall
             await asyncio.sleep(0.4)
             assert not loop.healthy and "has not returned" in loop.failure
+            assert loop.routing_stats()["healthy"] is False     # what Serve's router polls
             msg = await asyncio.wait_for(q.get(), 2)
             assert msg["finished"] and msg["finish_reason"] == "error" and "step_timeout_s" in msg["error"]
             assert eng.aborted == ["a"]
