@@ -516,9 +516,9 @@ def make_samples(tok, tasks: list[str], lengths: list[int], samples: int, seed: 
 
 
 # -- running the systems ----------------------------------------------------------------------
-def parse_wave_variant(spec: str) -> tuple[str, dict]:
-    """`NAME:key=value,key=value` -> ("wave[NAME]", WaveConfig overrides); values are read as
-    int, float or string, the keys checked against WaveConfig's fields."""
+def parse_wave_variant(spec: str) -> tuple[str, WaveConfig]:
+    """`NAME:key=value,key=value` -> ("wave[NAME]", the WaveConfig with those fields changed);
+    values are read as int, float or string, the keys checked against WaveConfig's fields."""
     name, sep, body = spec.partition(":")
     if not sep or not name or not body:
         raise ConfigError(f"--wave-variant {spec!r}: expected NAME:key=value[,key=value...]")
@@ -534,20 +534,19 @@ def parse_wave_variant(spec: str) -> tuple[str, dict]:
                 break
             except ValueError:
                 continue
-    WaveConfig(**over)      # a bad value fails here, before any model loads
-    return f"wave[{name}]", over
+    return f"wave[{name}]", WaveConfig(**over)     # a bad value fails here, before any model loads
 
 
 def system_configs(names: list[str], base: dict, quest_budget: float | None = None,
-                   variants: dict[str, dict] | None = None) -> dict[str, EngineConfig]:
+                   variants: dict[str, WaveConfig] | None = None) -> dict[str, EngineConfig]:
     """`quest` runs beside `wave`'s WaveConfig (its default budget is wave's exact share);
-    `variants` ("wave[NAME]" -> WaveConfig overrides) are wave systems for ablations."""
+    `variants` ("wave[NAME]" -> its WaveConfig) are wave systems for ablations."""
     wave100 = WaveConfig(retrieval_frac=1.0, estimation_frac=0.0)
     mk = {"full": dict(attention="full"), "wave": dict(attention="wave", wave=WaveConfig()),
           "wave-offload": dict(attention="wave", wave=WaveConfig(), offload=True),
           "wave-100": dict(attention="wave", wave=wave100),
           "quest": dict(attention="quest", wave=WaveConfig(), quest=QuestConfig(budget=quest_budget))}
-    mk.update({n: dict(attention="wave", wave=WaveConfig(**over)) for n, over in (variants or {}).items()})
+    mk.update({n: dict(attention="wave", wave=w) for n, w in (variants or {}).items()})
     return {n: EngineConfig(**base, **mk[n]) for n in names}
 
 

@@ -81,10 +81,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    configs = {"wave": WaveConfig()}
-    for spec in a.variant:
-        name, over = br.parse_wave_variant(spec)
-        configs[name] = WaveConfig(**over)
+    configs = {"wave": WaveConfig(), **dict(br.parse_wave_variant(spec) for spec in a.variant)}
     model = br.resolve(a.model, print)
     tok, mcfg = load_tokenizer(model), load_model_config(model)
     samples = br.make_samples(tok, [a.task], [a.length], a.samples, a.seed, "essay", None, False, print)

@@ -239,8 +239,6 @@ class EngineLoop:
                 continue
             finally:
                 self._step_started = None
-            if self.failure is not None:     # declared stalled while this step ran: its outputs are void
-                continue
             t = time.perf_counter()          # when this step's tokens became available
             for out in outputs:
                 self._record(out.request_id, out.completion_tokens, out.finished, out.finish_reason, t)

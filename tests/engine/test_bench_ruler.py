@@ -281,9 +281,9 @@ def test_server_mode_scores_the_replies(monkeypatch):
 
 
 def test_wave_variants_parse_and_run(monkeypatch):
-    assert br.parse_wave_variant("est0:estimation_frac=0") == ("wave[est0]", {"estimation_frac": 0})
-    name, over = br.parse_wave_variant("w:window=128,retrieval_frac=0.05,cache_fraction=auto")
-    assert name == "wave[w]" and over == {"window": 128, "retrieval_frac": 0.05, "cache_fraction": "auto"}
+    assert br.parse_wave_variant("est0:estimation_frac=0") == ("wave[est0]", br.WaveConfig(estimation_frac=0))
+    name, wave = br.parse_wave_variant("w:window=128,retrieval_frac=0.05,cache_fraction=auto")
+    assert name == "wave[w]" and wave == br.WaveConfig(window=128, retrieval_frac=0.05, cache_fraction="auto")
     for bad in ("noname", "x:", "x:windw=3", "x:retrieval_frac=2"):
         with pytest.raises(br.ConfigError):
             br.parse_wave_variant(bad)
