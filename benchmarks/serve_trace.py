@@ -250,6 +250,17 @@ def run_in_process(args: dict, trace: list[Req], repeat: int) -> tuple[dict, dic
     return runs, info
 
 
+def run_in_child(args: dict, trace: list[Req], repeat: int) -> tuple[dict, dict]:
+    """`run_in_process` in a spawned process. A process that has run an engine can keep memory
+    that a server started next would size its KV from (torch's caching allocators keep pinned host
+    blocks, the offload pool, and CUDA blocks after the engine is gone); in a child, all of it is
+    returned before the server starts, so both modes size their KV from the same machine."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(run_in_process, args, trace, repeat).result()
+
+
 def _wait_healthy(url: str, timeout_s: float = 900) -> float:
     import httpx
     t0 = time.perf_counter()
@@ -298,7 +309,10 @@ def trace_main(a) -> int:
                                                                        a.gap_s, a.rate)
     runs, info = {}, {}
     if not a.http_only:
-        r, info["in_process"] = run_in_process(args, trace, a.repeat)
+        if a.in_process_only:
+            r, info["in_process"] = run_in_process(args, trace, a.repeat)
+        else:      # in a child process, so the server then sizes its KV from the same free memory
+            r, info["in_process"] = run_in_child(args, trace, a.repeat)
         runs.update(r)
     if not a.in_process_only:
         try:

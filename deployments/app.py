@@ -50,6 +50,9 @@ class AppArgs(BaseModel):
     max_model_len: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(-1, ge=-1)            # per caller of the engine deployment; then 429
     max_ongoing_requests: int = Field(64, ge=1)            # concurrent requests per engine replica
+    # requests that found no replica with KV room wait at the least loaded one, up to this many per
+    # replica (FCFS, counted in max_ongoing_requests); beyond, or 0: 429 kv_cache_full + Retry-After
+    max_waiting_requests: int = Field(32, ge=0)
     prefill_chunk: int | None = Field(None, ge=1)
     prefill_budget_tokens: int | None = Field(EngineConfig.prefill_budget_tokens, ge=1)   # prefill per engine step
                                                           # (engine/scheduler.py); null: unbounded
@@ -197,7 +200,8 @@ def plan_replica(a: AppArgs, resources: dict) -> tuple[EngineConfig, dict, dict]
         bundles[0]["numa_node"] = math.floor(10_000 / per_node) / 10_000
     opts = dict(stages=stages, executor=executor, stage_num_cpus=a.cpus_per_stage, stage_num_gpus=gpu,
                 micro_batches=a.micro_batches, num_threads=threads, retry_after_s=a.retry_after_s,
-                warmup_tokens=a.warmup_tokens, step_timeout_s=a.step_timeout_s)
+                warmup_tokens=a.warmup_tokens, step_timeout_s=a.step_timeout_s,
+                max_waiting=a.max_waiting_requests)
     serve_opts = dict(num_replicas=a.num_replicas, ray_actor_options=actor, placement_group_bundles=bundles,
                       placement_group_strategy="STRICT_PACK", max_ongoing_requests=a.max_ongoing_requests,
                       max_queued_requests=a.max_queued_requests, health_check_period_s=5.0,

@@ -4,8 +4,9 @@ engine replica's latest report, `serve/prometheus.py`), and the replicas' KV sta
 
 A request is tokenised and checked here (`frontend.py`), then sent to the engine deployment with its
 KV footprint, which the router (`serve/router.py`) places. The replica answers accepted or rejected
-first: a rejection for lack of room is retried on the other replicas, then returned as 429 with
-Retry-After; a request larger than any replica can hold is a 400 (decided here from the replicas'
+first: a rejection for lack of room is retried on the other replicas; when none has room the
+request is sent once more to wait at the least loaded one (FCFS, at most `max_waiting_requests`
+per replica), and only if that queue is full is it a 429 with Retry-After; a request larger than any replica can hold is a 400 (decided here from the replicas'
 reported capacity when known, else by the replica). Responses carry `x-retroinfer-replica`.
 If the client disconnects, Serve cancels this handler; the engine call is cancelled with it and
 the replica aborts the request, freeing its KV.
@@ -158,10 +159,13 @@ class Ingress:
                              f"({prep.prompt_tokens} prompt + {prep.params.max_tokens} max_tokens tokens); the "
                              f"largest replica holds {cap} bytes ({cap // self.front.bytes_per_token} tokens)",
                              code="kv_capacity_exceeded")
-        exclude, last = list(exclude or []), None
-        for _ in range(max(1, len(known))):
+        keep_out = list(exclude or [])      # the caller's (a job's replica that died), and failed ones
+        exclude, last, tries = list(keep_out), None, max(1, len(known))
+        for attempt in range(tries + 1):
+            wait = attempt == tries     # no replica has room now: queue at the least loaded one
             gen = self.engine.options(stream=True).generate.remote(
-                prep.request_id, prep.prompt_ids, asdict(prep.params), kv_bytes=prep.kv_bytes, exclude=exclude)
+                prep.request_id, prep.prompt_ids, asdict(prep.params), kv_bytes=prep.kv_bytes,
+                exclude=keep_out if wait else exclude, wait=wait)
             try:
                 first = await gen.__anext__()
             except asyncio.CancelledError:   # the client went away, or the request timed out
@@ -178,6 +182,8 @@ class Ingress:
             if head["status"] != 429:
                 raise P.APIError(head["status"], head["message"], code=head["code"])
             exclude.append(head["replica"])
+            if head["code"] == "replica_unhealthy":
+                keep_out.append(head["replica"])
             last = head
         raise P.APIError(429, f"no replica has room for this request now: {last['message']}",
                          code="kv_cache_full", retry_after_s=last["retry_after_s"])

@@ -3,8 +3,10 @@
 `EngineLoop` runs `LLMEngine.step()` while there is work and sleeps on an Event otherwise. A
 request is admitted by `submit`, which hands it to the engine, whose scheduler checks its KV
 footprint against the one KV ledger (the replica's capacity less the footprints of requests already
-admitted; the replica knows these exactly, the router only approximately): no room now is a 429,
-never fits a 400. It returns an asyncio.Queue that receives the request's messages:
+admitted; the replica knows these exactly, the router only approximately): no room now is a 429
+(so the ingress can try another replica) unless the caller asks to wait (`wait=True`: the ingress,
+once no replica has room), when the request joins the engine's queue, at most `max_waiting` of
+them; never fits is a 400. It returns an asyncio.Queue that receives the request's messages:
 
   {"type": "progress", "layers_done", "num_layers"}       prefill progress
   {"type": "output", "token_ids", "text", "finished", "finish_reason", "error",
@@ -58,7 +60,8 @@ class Rejected(Exception):
 
 class EngineLoop:
     def __init__(self, engine, *, on_step=None, on_finish=None, stats_interval_s: float = 0.25,
-                 log_interval_s: float = 30.0, step_timeout_s: float | None = 600.0):
+                 log_interval_s: float = 30.0, step_timeout_s: float | None = 600.0,
+                 max_waiting: int | None = 32):
         self.engine = engine
         self.step_timeout_s = step_timeout_s
         self._step_started: float | None = None    # monotonic start of the step in flight
@@ -68,7 +71,8 @@ class EngineLoop:
         self.metrics = RequestMetrics()
         self.stats_interval_s = stats_interval_s
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.engine.reject_when_full = True         # the engine's KV ledger answers 429 for no room now
+        self.engine.reject_when_full = True         # the engine's KV ledger answers 429 for no room now,
+        self.engine.max_waiting = max_waiting       # unless asked to wait, up to this many
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -105,8 +109,10 @@ class EngineLoop:
         log.error("%s: the replica is unhealthy and will be replaced", self.failure)
         self._fail_all(f"internal error in the engine: {self.failure}")
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, kv_bytes: int) -> asyncio.Queue:
-        """Admit the request or raise `Rejected`. Must run on the event loop that reads the queue."""
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, kv_bytes: int,
+               wait: bool = False) -> asyncio.Queue:
+        """Admit the request or raise `Rejected`. Must run on the event loop that reads the queue.
+        `wait`: with no KV room now, queue for it (up to `max_waiting` requests) instead of a 429."""
         if not self.healthy:
             raise Rejected(429, "replica_unhealthy", f"this replica's engine failed ({self.failure or 'stopped'}) "
                            "and is being replaced")
@@ -117,7 +123,7 @@ class EngineLoop:
             self._streams[request_id] = (asyncio.get_running_loop(), q)
         self.metrics.admitted(request_id, len(prompt_ids))     # before the engine thread can see it
         try:   # validates once and admits through the engine's KV ledger (`kv_bytes`: the ingress's figure)
-            self.engine.add_request(request_id, prompt_ids, params)
+            self.engine.add_request(request_id, prompt_ids, params, wait=wait)
         except AdmissionError as e:   # NO_ROOM_NOW: 429 kv_cache_full; NEVER_FITS: 400 kv_capacity_exceeded
             self._forget(request_id)
             raise Rejected(e.admission.status, e.admission.code, str(e)) from None

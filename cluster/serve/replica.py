@@ -3,7 +3,8 @@ deployment. The replica actor runs in bundle 0 of its placement group; stage act
 replica uses the Ray pipeline executor, go to bundles 1..S (see `deployments/app.py`).
 
 `generate` is a streaming method. Its first item is `[{"type": "accepted", "replica"}]` or
-`[{"type": "rejected", "status": 429 | 400, "code", "message", "retry_after_s", "replica"}]`; then
+`[{"type": "rejected", "status": 429 | 400, "code", "message", "retry_after_s", "replica"}]`
+("accepted" also when the request waits here for KV room: `wait=True`); then
 lists of engine messages (see `engine_loop.py`) until one has `finished`. If the caller goes away
 (HTTP disconnect, DELETE of a job), Serve cancels the call; the generator then aborts the request
 in the engine, which frees its KV at its next step.
@@ -44,6 +45,7 @@ class ReplicaOptions:
     model_name: str = "model"
     warmup_tokens: tuple[int, ...] = ()   # before serving, max_batch synthetic requests of each length
     step_timeout_s: float | None = 600.0  # one engine step running longer: unhealthy, its requests fail
+    max_waiting: int = 32                 # requests queued here for KV room (`generate(wait=True)`)
 
 
 def _replica_id() -> str:
@@ -74,7 +76,7 @@ class LLMReplica:
             log.warning("metrics disabled", exc_info=True)
         self.loop = EngineLoop(self.engine, on_step=self.metrics.on_step if self.metrics else None,
                                on_finish=self.metrics.on_finish if self.metrics else None,
-                               step_timeout_s=opts.step_timeout_s)
+                               step_timeout_s=opts.step_timeout_s, max_waiting=opts.max_waiting)
         log.info("replica %s: %s, %d stage(s) via %s executor, KV capacity %d bytes", self.replica_id,
                  cfg.model, opts.stages, opts.executor, self.loop.capacity_bytes)
 
@@ -103,11 +105,12 @@ class LLMReplica:
         log.info("replica %s: warm-up done in %.1f s", self.replica_id, time.perf_counter() - t0)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: dict, kv_bytes: int,
-                       exclude: list[str] | None = None, target: str | None = None):
-        """`exclude` / `target` are read by the router, not here. The engine loop times the
-        request's outputs (`loop.metrics`); a refusal is counted here."""
+                       exclude: list[str] | None = None, target: str | None = None, wait: bool = False):
+        """`exclude` / `target` are read by the router, not here. `wait`: with no KV room now, queue
+        for it here (up to `max_waiting` requests) rather than answer 429. The engine loop times
+        the request's outputs (`loop.metrics`); a refusal is counted here."""
         try:
-            q = self.loop.submit(request_id, prompt_ids, SamplingParams(**params), int(kv_bytes))
+            q = self.loop.submit(request_id, prompt_ids, SamplingParams(**params), int(kv_bytes), wait=wait)
         except (Rejected, ValueError) as e:
             r = e if isinstance(e, Rejected) else Rejected(400, "invalid_request", str(e))
             self.loop.metrics.rejected(r.code)

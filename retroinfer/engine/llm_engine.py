@@ -85,13 +85,24 @@ class LLMEngine:
     def reject_when_full(self, value: bool) -> None:
         self.scheduler.reject_when_full = value
 
+    @property
+    def max_waiting(self) -> int | None:
+        """How many requests may wait for KV room (None: any number); see `Scheduler.add`."""
+        return self.scheduler.max_waiting
+
+    @max_waiting.setter
+    def max_waiting(self, value: int | None) -> None:
+        self.scheduler.max_waiting = value
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError with a user-facing message if the request can never run."""
         check_request(prompt_ids, params, self.max_model_len, self.model_cfg.vocab_size)
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    wait: bool | None = None) -> None:
         """Validates and admits the request (ValueError, or its subclass `AdmissionError` whose
-        `admission` is NEVER_FITS or NO_ROOM_NOW, if it is refused)."""
+        `admission` is NEVER_FITS or NO_ROOM_NOW, if it is refused). `wait`: whether it may wait
+        for KV room (None: unless `reject_when_full`; see `Scheduler.add`)."""
         self.validate(prompt_ids, params)
         seq = Sequence(request_id, list(prompt_ids), params, IncrementalDetokenizer(self.tokenizer))
         try:
@@ -103,7 +114,7 @@ class LLMEngine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self.seqs[request_id] = seq
             try:
-                self.scheduler.add(seq)
+                self.scheduler.add(seq, wait)
             except Exception:
                 del self.seqs[request_id]
                 raise

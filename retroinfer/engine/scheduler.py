@@ -3,10 +3,12 @@
 
 **Admission** (`add`, any thread). A request's footprint (prompt + max_tokens) is checked against
 the ledger: larger than the engine's whole KV is `NEVER_FITS` (a 400, refused at once); larger than
-what requests already admitted leave is `NO_ROOM_NOW` (a 429 when the engine is told to
-`reject_when_full`, as the serving layer does so the ingress can try another replica; otherwise
-the request waits). The executor's `reserve` at prefill start is the physical allocation that the
-ledger's promise precedes.
+what requests already admitted leave is `NO_ROOM_NOW`: the request waits in the queue, unless the
+engine is told to `reject_when_full` (the serving layer, so the ingress can try another replica
+first) and the caller did not ask it to wait (`add(seq, wait=True)`: the ingress, once no replica
+has room). At most `max_waiting` requests wait for room (beyond that, NO_ROOM_NOW is refused
+whatever the caller asked), so a full replica's queue stays bounded. The executor's `reserve` at
+prefill start is the physical allocation that the ledger's promise precedes.
 
 **A step** (`schedule`). Every running sequence decodes one token in every step. Beside that the
 step does at most `budget_tokens` of prefill: a unit of prefill is one chunk of c prompt tokens
@@ -80,6 +82,7 @@ class Scheduler:
         self.prefilling: list[Sequence] = []      # in admission order
         self.running: list[Sequence] = []
         self.reject_when_full = False
+        self.max_waiting: int | None = None      # requests that may wait for room (None: any number)
         self._ledger: dict[str, int] = {}         # admitted request -> footprint tokens
         self._outstanding = 0
         self._inbox: deque[Sequence] = deque()
@@ -94,14 +97,24 @@ class Scheduler:
             return Admission.NO_ROOM_NOW
         return Admission.ADMITTED
 
-    def add(self, seq: Sequence) -> None:
-        """Admits `seq` into the ledger and the queue, or raises `AdmissionError`."""
+    def add(self, seq: Sequence, wait: bool | None = None) -> None:
+        """Admits `seq` into the ledger and the queue, or raises `AdmissionError`. `wait`: whether a
+        request with no room now may wait for it (None: unless `reject_when_full`)."""
         need = seq.footprint_tokens
         with self._lock:
             if seq.request_id in self._ledger:
                 raise ValueError(f"request id {seq.request_id!r} is already in use")
             verdict = self.check(need)
-            if verdict is Admission.NEVER_FITS or (verdict is Admission.NO_ROOM_NOW and self.reject_when_full):
+            if verdict is Admission.NO_ROOM_NOW:
+                may_wait = (not self.reject_when_full) if wait is None else wait
+                waiting = sum(s.waits_for_room for s in (*self.waiting, *self._inbox))
+                if may_wait and self.max_waiting is not None and waiting >= self.max_waiting:
+                    raise AdmissionError(verdict, self._refusal(verdict, need) +
+                                         f", and {waiting} request(s) already wait for room")
+                if not may_wait:
+                    raise AdmissionError(verdict, self._refusal(verdict, need))
+                seq.waits_for_room = True
+            elif verdict is Admission.NEVER_FITS:
                 raise AdmissionError(verdict, self._refusal(verdict, need))
             self._ledger[seq.request_id] = need
             self._outstanding += need

@@ -42,6 +42,7 @@ class Sequence:
     kv_reserved: bool = False                # the executor holds its KV
     arrival: int = 0                         # admission order (FCFS)
     aborted: bool = False
+    waits_for_room: bool = False               # admitted with no KV room (queued for it)
     setup_error: BaseException | None = None   # failed before its KV was reserved (e.g. its seed)
     finish_reason: FinishReason | None = None
     error: str | None = None

@@ -34,7 +34,7 @@ class FakeEngine:
     def validate(self, ids, params):
         pass
 
-    def add_request(self, rid, ids, params):
+    def add_request(self, rid, ids, params, wait=None):
         self.rid, self.left = rid, 3
 
     def has_work(self):

@@ -41,3 +41,13 @@ def test_summary_from_timestamps():
     assert abs(s["itl_during_prefill_p99_ms"] - 100) < 1e-6 and abs(s["itl_max_ms"] - 100) < 1e-6
     assert st.pct([1, 2, 3, 4], 50) == 2.5 and st.pct([5], 99) == 5
     assert [r.arrival_s for r in st.make_trace(3, 10, 2, gap_s=0.5)] == [0.0, 0.5, 1.0]
+
+
+def test_in_process_half_runs_in_a_child_process():
+    """Before an HTTP run the in-process half runs in a spawned child (its memory is returned
+    before the server sizes its KV): same results as in this process."""
+    trace = st.make_trace(2, 40, 4, gap_s=0.01)
+    args = {"model": "tiny", "device": "cpu", "warmup_tokens": [], "max_batch": 2}
+    runs, info = st.run_in_child(args, trace, 1)
+    assert [len(r["token_s"]) for r in runs["in_process"]] == [4, 4]
+    assert info["capacity_bytes"] > 0 and info["engine_config"]["max_batch"] == 2

@@ -80,6 +80,50 @@ def test_admission_reasons_and_the_ledger():
     assert not eng.executor.held and eng.stats()["outstanding_bytes"] == 0
 
 
+def test_a_request_asked_to_wait_queues_for_room_up_to_max_waiting():
+    """The serving layer refuses no-room requests (429) unless the ingress asks them to wait:
+    then they queue FCFS for KV, at most `max_waiting` of them, and start as room frees."""
+    eng = _engine(capacity=1000)
+    eng.reject_when_full = True
+    eng.scheduler.max_waiting = 1
+    _add(eng, "a", 600, max_tokens=8)
+    ids, sp = _p(500)
+    eng.add_request("b", ids, sp, wait=True)                  # no room now: waits (ledger over capacity)
+    with pytest.raises(AdmissionError) as e:
+        eng.add_request("c", ids, sp, wait=True)              # one waits already: the queue is full
+    assert e.value.admission is Admission.NO_ROOM_NOW and "already wait" in str(e.value)
+    with pytest.raises(AdmissionError):
+        eng.add_request("d", *_p(10))                         # not asked to wait: refused at once
+    assert eng.stats()["outstanding_bytes"] == (608 + 508) * eng.bytes_per_token
+    steps = _run(eng)
+    first = {rid: next(i for i, (o, _) in enumerate(steps) if rid in o and o[rid][0].token_ids) for rid in "ab"}
+    assert first["b"] > first["a"] + 7                        # b started once a had finished
+    assert steps[-1][0]["b"][-1].finish_reason is FinishReason.LENGTH
+    assert not eng.executor.held and eng.stats()["outstanding_bytes"] == 0
+    eng.scheduler.max_waiting = 0                             # 0: nothing waits
+    _add(eng, "e", 600)
+    with pytest.raises(AdmissionError):
+        eng.add_request("f", ids, sp, wait=True)
+    eng.abort("e")
+    _run(eng)
+    assert eng.stats()["outstanding_bytes"] == 0
+
+
+def test_a_waiting_request_aborted_before_it_starts_leaves_the_ledger():
+    eng = _engine(capacity=1000)
+    eng.reject_when_full = True
+    _add(eng, "a", 600, max_tokens=8)
+    eng.add_request("b", *_p(500), wait=True)
+    _step(eng)
+    assert [s.request_id for s in eng.scheduler.waiting] == ["b"]
+    eng.abort("b")
+    outs, _ = _step(eng)
+    assert outs["b"][-1].finish_reason is FinishReason.ABORT and not outs["b"][-1].token_ids
+    assert eng.stats()["outstanding_bytes"] == 608 * eng.bytes_per_token
+    _run(eng)
+    assert eng.stats()["outstanding_bytes"] == 0 and not eng.executor.held
+
+
 def test_kv_the_backend_refuses_is_a_typed_error():
     """The ledger admits by its sums; the executor's reserve has the last word (here it holds
     less than it reports): with nothing else holding KV, the request ends with the typed code."""

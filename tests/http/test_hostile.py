@@ -115,7 +115,7 @@ class _BrokenEngine:
     def validate(self, ids, params):
         pass
 
-    def add_request(self, rid, ids, params):
+    def add_request(self, rid, ids, params, wait=None):
         self.ids.append(rid)
 
     def has_work(self):
