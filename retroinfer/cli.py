@@ -43,7 +43,7 @@ _WAVE_HELP = {
     "cache_fraction": "offload: GPU cache of retrieved clusters, a share of the host pool in [0, 1), or "
                       "'auto' (what the GPU budget leaves after the index, up to 90%%)",
     "cache_slot_rows": "offload: rows of a cluster one cache slot holds (a multiple of 16)",
-    "estimation_log_bias": "added to each estimated cluster's log weight log(size) (0: the paper's)",
+    "estimation_log_bias": "added to each estimated cluster's log weight log(size) (default ln 2; 0: the paper's)",
 }
 
 

@@ -19,7 +19,8 @@ def test_build_index_is_a_clustered_permutation(dtype, offset, tol):
     torch.manual_seed(0)
     T, H, D = 700, 3, 32
     k, v = (torch.randn(T, H, D) + offset).to(dtype), torch.randn(T, H, D).to(dtype)
-    ix = build_index(k, v, WaveConfig(**SMALL_WAVE))
+    wave = WaveConfig(**SMALL_WAVE)
+    ix = build_index(k, v, wave)
     C = ix.num_clusters
     assert C == 3 * 30          # 3 segments of 234 rows, ceil(234 / 8) clusters each
     assert (ix.offsets[:, 1:] >= ix.offsets[:, :-1]).all() and (ix.offsets[:, -1] == T).all()
@@ -34,7 +35,7 @@ def test_build_index_is_a_clustered_permutation(dtype, offset, tol):
                 mean_k, mean_v = ix.keys[h, lo:hi].float().mean(0), ix.values[h, lo:hi].float().mean(0)
                 assert torch.allclose(ix.centroids[h, c].float(), mean_k, atol=tol, rtol=tol)
                 assert torch.allclose(ix.value_mean[h, c].float(), mean_v, atol=tol, rtol=tol)
-                assert ix.log_size[h, c].exp().round().item() == hi - lo
+                assert (ix.log_size[h, c] - wave.estimation_log_bias).exp().round().item() == hi - lo
             else:
                 assert ix.log_size[h, c] == float("-inf")
 
@@ -111,7 +112,8 @@ def test_estimation_log_bias_shifts_only_the_estimated_weights():
     exact zones are untouched, so at a 100% retrieval budget the output is unchanged."""
     g = torch.Generator().manual_seed(7)
     k, v = torch.randn(3000, 2, 32, generator=g), torch.randn(3000, 2, 32, generator=g)
-    plain, biased = build_index(k, v, WaveConfig()), build_index(k, v, WaveConfig(estimation_log_bias=0.5))
+    plain = build_index(k, v, WaveConfig(estimation_log_bias=0.0))
+    biased = build_index(k, v, WaveConfig(estimation_log_bias=0.5))
     assert torch.equal(plain.keys, biased.keys) and torch.equal(plain.offsets, biased.offsets)
     full = torch.isfinite(plain.log_size)
     assert torch.equal(full, torch.isfinite(biased.log_size))
@@ -119,8 +121,8 @@ def test_estimation_log_bias_shifts_only_the_estimated_weights():
     cfg = preset_config("tiny")
     q = torch.randn(1, cfg.num_heads, cfg.head_dim, generator=g)
     outs = []
-    for wave in (WaveConfig(), WaveConfig(estimation_log_bias=0.7),
-                 WaveConfig(retrieval_frac=1.0, estimation_frac=0.0),
+    for wave in (WaveConfig(estimation_log_bias=0.0), WaveConfig(estimation_log_bias=0.7),
+                 WaveConfig(retrieval_frac=1.0, estimation_frac=0.0, estimation_log_bias=0.0),
                  WaveConfig(retrieval_frac=1.0, estimation_frac=0.0, estimation_log_bias=0.7)):
         b = make_backend("wave", cfg, range(1), "cpu", torch.float32, 1 << 26, wave, 2)
         gen = torch.Generator().manual_seed(1)
