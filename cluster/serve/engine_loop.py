@@ -38,6 +38,7 @@ import threading
 import time
 from dataclasses import asdict
 
+from retroinfer.engine.llm_engine import LLMEngine
 from retroinfer.engine.protocol import AdmissionError
 from retroinfer.engine.sampling import SamplingParams
 
@@ -59,7 +60,7 @@ class Rejected(Exception):
 
 
 class EngineLoop:
-    def __init__(self, engine, *, on_step=None, on_finish=None, stats_interval_s: float = 0.25,
+    def __init__(self, engine: LLMEngine, *, on_step=None, on_finish=None, stats_interval_s: float = 0.25,
                  log_interval_s: float = 30.0, step_timeout_s: float | None = 600.0,
                  max_waiting: int | None = 32):
         self.engine = engine
