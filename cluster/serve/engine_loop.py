@@ -13,10 +13,11 @@ them; never fits is a 400. It returns an asyncio.Queue that receives the request
    "prompt_tokens", "completion_tokens", "error_code"}     one engine step's worth
 
 Delivery crosses threads with `loop.call_soon_threadsafe`. `abort` is thread-safe; the engine frees
-the request's KV at its next step. Each output is timed as it is delivered (the end of the engine
-step that made it) into `metrics` (`prometheus.RequestMetrics`: TTFT, inter-token latency, ...).
-While idle the loop still refreshes its stats (and `on_step`) about once a second, so gauges fed
-from them keep reporting the idle values.
+the request's KV at its next step. What the loop sees goes to its `observer` (`monitor.LoopObserver`):
+each request as it is admitted, scheduled and answered (an output is timed at the end of the engine
+step that made it), and the engine's typed stats (`EngineStats`, also kept as `stats`) every
+`stats_interval_s` while busy and about once a second while idle, so gauges fed from them keep
+reporting the idle values. The loop keeps no metrics or routing figures of its own.
 
 A request that fails on its own account finishes with an error inside the engine (which frees its
 KV) and the others go on. An exception out of `engine.step()` is the engine's: every admitted
@@ -39,10 +40,10 @@ import time
 from dataclasses import asdict
 
 from retroinfer.engine.llm_engine import LLMEngine
-from retroinfer.engine.protocol import AdmissionError
+from retroinfer.engine.protocol import AdmissionError, EngineStats
 from retroinfer.engine.sampling import SamplingParams
 
-from .prometheus import ENGINE_KEYS, RequestMetrics
+from .monitor import LoopObserver, ReplicaMonitor
 
 log = logging.getLogger("ray.serve.retroinfer")    # the replica's log under Serve
 
@@ -60,16 +61,14 @@ class Rejected(Exception):
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, *, on_step=None, on_finish=None, stats_interval_s: float = 0.25,
+    def __init__(self, engine: LLMEngine, *, observer: LoopObserver | None = None, stats_interval_s: float = 0.25,
                  log_interval_s: float = 30.0, step_timeout_s: float | None = 600.0,
                  max_waiting: int | None = 32):
         self.engine = engine
         self.step_timeout_s = step_timeout_s
         self._step_started: float | None = None    # monotonic start of the step in flight
         self.engine.on_prefill_progress = self._on_progress
-        self.on_step = on_step                      # callback(stats) on the loop thread (metrics)
-        self.on_finish = on_finish                  # callback(reason, tokens, ttft_s) as a request ends
-        self.metrics = RequestMetrics()
+        self.observer: LoopObserver = observer or ReplicaMonitor()
         self.stats_interval_s = stats_interval_s
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.engine.reject_when_full = True         # the engine's KV ledger answers 429 for no room now,
@@ -78,8 +77,8 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = False
         self.failure: str | None = None             # why the engine failed (then unhealthy)
-        self.stats = self._engine_stats()
-        self.capacity_bytes = int(self.stats["capacity_bytes"])
+        self.stats: EngineStats = self._engine_stats()
+        self.capacity_bytes = self.stats.capacity_bytes
         self._stats_at = time.monotonic()
         self.log_interval_s = log_interval_s
         self._timing = [0, 0.0, 0.0, time.monotonic()]    # steps, seconds in step(), seconds between, since
@@ -91,7 +90,12 @@ class EngineLoop:
     @property
     def outstanding_bytes(self) -> int:
         """KV promised to admitted requests: the engine's ledger (as of the last stats)."""
-        return int(self.stats.get("outstanding_bytes", 0))
+        return self.stats.outstanding_bytes
+
+    @property
+    def num_requests(self) -> int:
+        """Requests admitted and not yet answered to the end."""
+        return len(self._streams)
 
     @property
     def healthy(self) -> bool:
@@ -122,7 +126,7 @@ class EngineLoop:
             if request_id in self._streams:
                 raise Rejected(400, "invalid_request", f"request id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self.metrics.admitted(request_id, len(prompt_ids))     # before the engine thread can see it
+        self.observer.admitted(request_id, len(prompt_ids))     # before the engine thread can see it
         try:   # validates once and admits through the engine's KV ledger (`kv_bytes`: the ingress's figure)
             self.engine.add_request(request_id, prompt_ids, params, wait=wait)
         except AdmissionError as e:   # NO_ROOM_NOW: 429 kv_cache_full; NEVER_FITS: 400 kv_capacity_exceeded
@@ -135,24 +139,9 @@ class EngineLoop:
         self._wake.set()
         return q
 
-    def metrics_report(self) -> dict:
-        """The request metrics' snapshot and the engine's wave-buffer numbers (`engine`)."""
-        s = self.stats
-        return {**self.metrics.snapshot(), "engine": {k: s[k] for k in ENGINE_KEYS if s.get(k) is not None}}
-
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
         self._wake.set()
-
-    def routing_stats(self) -> dict:
-        s = self.stats
-        used = int(s.get("used_bytes", 0))
-        outstanding = self.outstanding_bytes
-        return {"ts": time.time(), "capacity_bytes": self.capacity_bytes, "used_bytes": used,
-                "outstanding_bytes": outstanding,
-                "free_bytes": max(0, self.capacity_bytes - max(used, outstanding)),
-                "num_requests": len(self._streams), "waiting": s.get("waiting", 0),
-                "prefilling": s.get("prefilling", 0), "running": s.get("running", 0), "healthy": self.healthy}
 
     def shutdown(self) -> None:
         self._stop = True
@@ -163,13 +152,11 @@ class EngineLoop:
     def _forget(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
-        self.metrics.forget(request_id)
+        self.observer.forget(request_id)
 
     def _record(self, request_id: str, completion_tokens: int, finished: bool, reason, t: float) -> None:
         try:
-            done = self.metrics.output(request_id, completion_tokens, finished, reason, t)
-            if done is not None and self.on_finish is not None:
-                self.on_finish(*done)
+            self.observer.output(request_id, completion_tokens, finished, reason, t)
         except Exception:   # metrics must never take the loop down
             log.exception("recording metrics failed")
 
@@ -188,25 +175,24 @@ class EngineLoop:
 
     def _on_progress(self, request_id: str, done: int, total: int) -> None:
         if done == 0:     # its KV is reserved: the prefill starts
-            self.metrics.scheduled(request_id)
+            self.observer.scheduled(request_id)
         self._send(request_id, {"type": "progress", "layers_done": done, "num_layers": total})
 
-    def _engine_stats(self) -> dict:
+    def _engine_stats(self) -> EngineStats:
         try:
-            return self.engine.stats()
+            return self.engine.engine_stats()
         except Exception:   # stats must never take the loop down
-            log.exception("engine.stats() failed")
-            return getattr(self, "stats", {"capacity_bytes": 0, "used_bytes": 0})
+            log.exception("engine.engine_stats() failed")
+            return getattr(self, "stats", None) or EngineStats()
 
     def _refresh_stats(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._stats_at >= self.stats_interval_s:
             self.stats, self._stats_at = self._engine_stats(), now
-            if self.on_step is not None:
-                try:
-                    self.on_step(self.stats, self.routing_stats())
-                except Exception:
-                    log.exception("on_step callback failed")
+            try:
+                self.observer.engine_stats(self.stats)
+            except Exception:
+                log.exception("the observer failed on the engine's stats")
 
     def _run(self) -> None:
         try:

@@ -1,11 +1,14 @@
 """Replica metrics through `ray.util.metrics` (exported by Ray's Prometheus endpoint, prefixed
 `ray_`): queue depth, KV bytes, prefill / decode throughput, cache hit ratio, request outcomes.
-The engine loop calls `on_step` (also about once a second while idle, so the gauges stay exported)
-and `on_finish` (with the TTFT it measured). The serving port's own `/metrics`, vLLM's metric set,
+The replica's monitor (`monitor.py`) calls `on_step` with each stats refresh of the engine loop
+(also about once a second while idle, so the gauges stay exported) and `on_finish` (with the TTFT
+it measured). The serving port's own `/metrics`, vLLM's metric set,
 is `prometheus.py`'s."""
 from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
+
+from retroinfer.engine.protocol import EngineStats
 
 
 class ReplicaMetrics:
@@ -36,19 +39,18 @@ class ReplicaMetrics:
                               boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800], tag_keys=keys)
         self.ttft.set_default_tags(self.tags)
 
-    def on_step(self, stats: dict, routing: dict) -> None:
-        """Called by the engine loop (throttled) with engine.stats() and the routing stats."""
-        self.waiting.set(stats.get("waiting", 0))
-        self.running.set(stats.get("running", 0))
-        self.kv_used.set(stats.get("used_bytes", 0))
-        self.kv_capacity.set(stats.get("capacity_bytes", 0))
-        self.kv_outstanding.set(routing.get("outstanding_bytes", 0))
-        if stats.get("prefill_s"):
-            self.prefill_tps.set(stats.get("prefill_tokens", 0) / stats["prefill_s"])
-        if stats.get("decode_s"):
-            self.decode_tps.set(stats.get("decode_batch", 0) / stats["decode_s"])
-        if stats.get("cache_hit_ratio") is not None:
-            self.hit_ratio.set(float(stats["cache_hit_ratio"]))
+    def on_step(self, s: EngineStats) -> None:
+        self.waiting.set(s.waiting)
+        self.running.set(s.running)
+        self.kv_used.set(s.used_bytes)
+        self.kv_capacity.set(s.capacity_bytes)
+        self.kv_outstanding.set(s.outstanding_bytes)
+        if s.prefill_s:
+            self.prefill_tps.set(s.prefill_tokens / s.prefill_s)
+        if s.decode_s:
+            self.decode_tps.set(s.decode_batch / s.decode_s)
+        if s.cache_hit_ratio is not None:
+            self.hit_ratio.set(float(s.cache_hit_ratio))
 
     def on_finish(self, outcome: str, completion_tokens: int, ttft_s: float | None) -> None:
         self.requests.inc(1, tags={"outcome": outcome})

@@ -1,7 +1,7 @@
 """Serving metrics in Prometheus's text format, vLLM's metric set under the prefix `retroinfer:`.
 
-Each engine replica keeps a `RequestMetrics`: counters and histograms that its engine loop feeds
-as it admits requests and delivers their outputs, with one timestamp per engine step (when that
+Each engine replica keeps a `RequestMetrics` (in its `monitor.ReplicaMonitor`): counters and
+histograms that its engine loop feeds as it admits requests and delivers their outputs, with one timestamp per engine step (when that
 step's tokens became available), so inter-token latency is measured, not derived from averages.
 The replica publishes `snapshot()` with its routing stats (`record_routing_stats`, polled by Serve
 every `routing_stats_period_s`, busy or idle), and the ingress renders every replica's latest

@@ -22,12 +22,15 @@ from ray import serve
 
 from retroinfer.config import EngineConfig
 from retroinfer.engine.llm_engine import LLMEngine, load_model_config
+from retroinfer.engine.protocol import EngineStats
 from retroinfer.engine.sampling import SamplingParams
 from retroinfer.engine.warmup import default_batch, warm_up
 from retroinfer.numa import binding_report
 
+from . import routing
 from .engine_loop import EngineLoop, Rejected
 from .metrics import ReplicaMetrics
+from .monitor import ReplicaMonitor
 from .pipeline import RayPipelineExecutor
 
 log = logging.getLogger("ray.serve")
@@ -69,14 +72,14 @@ class LLMReplica:
         self.engine = LLMEngine(cfg, executor=executor)
         if opts.warmup_tokens:
             self._warm_up(opts.warmup_tokens)
-        self.metrics = None
+        ray_metrics = None
         try:
-            self.metrics = ReplicaMetrics(self.replica_id, opts.model_name)
+            ray_metrics = ReplicaMetrics(self.replica_id, opts.model_name)
         except Exception:   # metrics are optional (no Ray metrics agent, e.g. some test setups)
             log.warning("metrics disabled", exc_info=True)
-        self.loop = EngineLoop(self.engine, on_step=self.metrics.on_step if self.metrics else None,
-                               on_finish=self.metrics.on_finish if self.metrics else None,
-                               step_timeout_s=opts.step_timeout_s, max_waiting=opts.max_waiting)
+        self.monitor = ReplicaMonitor(ray_metrics)
+        self.loop = EngineLoop(self.engine, observer=self.monitor, step_timeout_s=opts.step_timeout_s,
+                               max_waiting=opts.max_waiting)
         log.info("replica %s: %s, %d stage(s) via %s executor, KV capacity %d bytes", self.replica_id,
                  cfg.model, opts.stages, opts.executor, self.loop.capacity_bytes)
 
@@ -107,15 +110,13 @@ class LLMReplica:
     async def generate(self, request_id: str, prompt_ids: list[int], params: dict, kv_bytes: int,
                        exclude: list[str] | None = None, target: str | None = None, wait: bool = False):
         """`exclude` / `target` are read by the router, not here. `wait`: with no KV room now, queue
-        for it here (up to `max_waiting` requests) rather than answer 429. The engine loop times
-        the request's outputs (`loop.metrics`); a refusal is counted here."""
+        for it here (up to `max_waiting` requests) rather than answer 429. The engine loop reports
+        the request's outputs to the monitor; a refusal is counted here."""
         try:
             q = self.loop.submit(request_id, prompt_ids, SamplingParams(**params), int(kv_bytes), wait=wait)
         except (Rejected, ValueError) as e:
             r = e if isinstance(e, Rejected) else Rejected(400, "invalid_request", str(e))
-            self.loop.metrics.rejected(r.code)
-            if self.metrics:
-                self.metrics.on_finish("rejected_%d" % r.status, 0, None)
+            self.monitor.rejected(r.code, r.status)
             yield [{**r.to_message(self.opts.retry_after_s), "replica": self.replica_id}]
             return
         yield [{"type": "accepted", "replica": self.replica_id}]
@@ -141,7 +142,13 @@ class LLMReplica:
     def record_routing_stats(self) -> dict:
         """Polled by Serve every `routing_stats_period_s`, busy or idle: the router's KV figures, and
         `metrics` (request counters and histograms) that the ingress serves at /metrics."""
-        return {**self.loop.routing_stats(), "replica": self.replica_id, "metrics": self.loop.metrics_report()}
+        stats = self.loop.stats
+        return {**self.routing_report(stats), "replica": self.replica_id, "metrics": self.monitor.report(stats)}
+
+    def routing_report(self, stats: EngineStats | None = None) -> dict:
+        """The routing figures of this replica's latest engine stats (`routing.report`)."""
+        return routing.report(self.loop.stats if stats is None else stats, healthy=self.loop.healthy,
+                              requests=self.loop.num_requests)
 
     def check_health(self) -> None:
         if not self.loop.healthy:
@@ -154,9 +161,9 @@ class LLMReplica:
         ex = self.engine.executor
         return {"replica": self.replica_id, "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels(),
                 "placement_group": (ctx.get_placement_group_id() or None), **binding_report(),
-                "stages": getattr(ex, "stage_info", None), "metrics": self.metrics is not None,
+                "stages": getattr(ex, "stage_info", None), "metrics": self.monitor.ray is not None,
                 "stats": {k: v for k, v in stats.items() if k != "stages"},
-                "routing": self.loop.routing_stats()}
+                "routing": self.routing_report()}
 
     def ping(self, exclude: list[str] | None = None) -> bool:
         """Whether this replica's engine can take requests (`exclude` is read by the router)."""

@@ -5,8 +5,11 @@ handles: module state there (the registry) would be copied, not shared, so it li
 """
 from __future__ import annotations
 
+import time
 import weakref
 from typing import Any
+
+from retroinfer.engine.protocol import EngineStats
 
 ROUTERS: "weakref.WeakValueDictionary[tuple[str, str], Any]" = weakref.WeakValueDictionary()
 
@@ -19,6 +22,17 @@ def replica_stats(app_name: str, deployment: str) -> list[dict] | None:
         return None
     return [{"replica": r.replica_id.unique_id, "node_id": r.node_id, **(r.routing_stats or {})}
             for r in list(router.curr_replicas.values())]
+
+
+def report(stats: EngineStats, *, healthy: bool, requests: int) -> dict:
+    """A replica's routing figures (`LLMReplica.record_routing_stats`): its KV capacity, what
+    sequences hold, what admitted requests were promised (waiting ones too), the room left, its
+    queues and health, from the engine's typed stats."""
+    used, outstanding = stats.used_bytes, stats.outstanding_bytes
+    return {"ts": time.time(), "capacity_bytes": stats.capacity_bytes, "used_bytes": used,
+            "outstanding_bytes": outstanding, "free_bytes": max(0, stats.capacity_bytes - max(used, outstanding)),
+            "num_requests": requests, "waiting": stats.waiting, "prefilling": stats.prefilling,
+            "running": stats.running, "healthy": healthy}
 
 
 def request_footprint(pr) -> tuple[int, set[str], str | None]:

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from retroinfer.cluster.serve.engine_loop import EngineLoop
+from retroinfer.cluster.serve.replica import LLMReplica
+from retroinfer.engine.protocol import EngineStats
 from retroinfer.engine.sampling import SamplingParams
 
 
@@ -28,8 +30,8 @@ class FakeEngine:
     def __init__(self):
         self.left, self.rid = 0, None
 
-    def stats(self):
-        return {"capacity_bytes": 1 << 20, "used_bytes": 0}
+    def engine_stats(self):
+        return EngineStats(capacity_bytes=1 << 20)
 
     def validate(self, ids, params):
         pass
@@ -140,7 +142,9 @@ def test_a_stalled_step_fails_the_requests_and_the_health():
             assert loop.healthy and loop.failure is None        # a step in flight, not yet a stall
             await asyncio.sleep(0.4)
             assert not loop.healthy and "has not returned" in loop.failure
-            assert loop.routing_stats()["healthy"] is False     # what Serve's router polls
+            replica = LLMReplica.func_or_class.__new__(LLMReplica.func_or_class)
+            replica.loop, replica.monitor, replica.replica_id = loop, loop.observer, "r"
+            assert replica.record_routing_stats()["healthy"] is False     # what Serve's router polls
             msg = await asyncio.wait_for(q.get(), 2)
             assert msg["finished"] and msg["finish_reason"] == "error" and "step_timeout_s" in msg["error"]
             assert eng.aborted == ["a"]

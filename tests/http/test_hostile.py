@@ -18,6 +18,7 @@ import pytest
 
 from retroinfer.config import EngineConfig
 from retroinfer.engine.llm_engine import LLMEngine
+from retroinfer.engine.protocol import EngineStats
 from retroinfer.engine.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,8 +110,8 @@ class _BrokenEngine:
     def __init__(self):
         self.ids = []
 
-    def stats(self):
-        return {"capacity_bytes": 1 << 20, "used_bytes": 0}
+    def engine_stats(self):
+        return EngineStats(capacity_bytes=1 << 20)
 
     def validate(self, ids, params):
         pass
@@ -139,15 +140,16 @@ def test_an_engine_failure_marks_the_replica_unhealthy():
             return await asyncio.wait_for(q.get(), 5)
         out = asyncio.run(run())
         assert out["finished"] and out["finish_reason"] == "error" and "internal error" in out["error"]
-        assert not loop.healthy and loop.outstanding_bytes == 0 and loop.routing_stats()["healthy"] is False
+        replica = LLMReplica.func_or_class.__new__(LLMReplica.func_or_class)
+        replica.loop, replica.monitor, replica.replica_id = loop, loop.observer, "r"
+        assert not loop.healthy and loop.outstanding_bytes == 0
+        assert replica.record_routing_stats()["healthy"] is False     # what Serve's router polls
 
         async def again():
             return loop.submit("r2", [1], SamplingParams(max_tokens=3), 100)
         with pytest.raises(Rejected) as e:
             asyncio.run(again())
         assert e.value.status == 429 and e.value.code == "replica_unhealthy"   # the ingress tries another
-        replica = LLMReplica.func_or_class.__new__(LLMReplica.func_or_class)
-        replica.loop = loop
         with pytest.raises(RuntimeError):
             replica.check_health()                       # Serve replaces the replica
     finally:

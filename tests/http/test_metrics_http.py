@@ -17,6 +17,8 @@ import pytest
 
 from retroinfer.cluster.serve import prometheus as prom
 from retroinfer.cluster.serve.engine_loop import EngineLoop
+from retroinfer.cluster.serve.monitor import ReplicaMonitor
+from retroinfer.engine.protocol import EngineStats
 
 parser = pytest.importorskip("prometheus_client.parser")
 REPO = Path(__file__).resolve().parents[2]
@@ -83,9 +85,9 @@ class IdleEngine:
     def __init__(self):
         self.calls = 0
 
-    def stats(self):
+    def engine_stats(self):
         self.calls += 1
-        return {"capacity_bytes": 1 << 20, "used_bytes": 0, "waiting": 0, "running": 0}
+        return EngineStats(capacity_bytes=1 << 20)
 
     def has_work(self):
         return False
@@ -94,13 +96,19 @@ class IdleEngine:
 def test_an_idle_loop_keeps_setting_its_gauges():
     """The Ray gauges (`metrics.ReplicaMetrics.on_step`) are set again about once a second while
     the replica idles; they were set only while it stepped, and Ray stopped exporting them."""
-    seen = []
-    loop = EngineLoop(IdleEngine(), on_step=lambda stats, routing: seen.append((stats["used_bytes"], routing)))
+    class Gauges:               # stands in for ReplicaMetrics (no Ray metrics agent here)
+        def __init__(self):
+            self.seen = []
+
+        def on_step(self, s):
+            self.seen.append(s)
+    gauges = Gauges()
+    loop = EngineLoop(IdleEngine(), observer=ReplicaMonitor(gauges))
     try:
         time.sleep(2.6)
     finally:
         loop.shutdown()
-    assert len(seen) >= 2 and all(used == 0 and r["used_bytes"] == 0 and r["healthy"] for used, r in seen)
+    assert len(gauges.seen) >= 2 and all(s.used_bytes == 0 and s.capacity_bytes == 1 << 20 for s in gauges.seen)
 
 
 def test_engine_ready_is_the_replicas_health():
