@@ -2,22 +2,28 @@
 created in the replica's placement group, and `RayPipelineExecutor`, which has the interface of
 `retroinfer.engine.executor.LocalExecutor` and chains the stages.
 
-- Hidden states move stage to stage as ObjectRefs (the replica never fetches them); only the last
-  stage's logits come back.
-- Decode splits the batch into micro-batches and submits every (micro-batch, stage) call at once:
-  actor calls run in submission order, so stage i works on micro-batch m+1 while stage i+1 works on
-  m.
-- Prefill runs stage by stage, one unit (a chunk through a layer) per call: the stage actor keeps
-  the sequence's prefill generator between calls, so the engine's decode steps run between any two
-  units (an actor's calls run in submission order), an abort lands within one unit, and the
-  executor's `prefill_steps` yields once per unit as `protocol.Executor` asks.
+- Decode is one Ray compiled graph (`ray.dag`, compiled once when the executor starts): the batch's
+  ids go in, each stage's hidden states pass to the next through the graph's channels (shared memory
+  on one host), the last stage's logits come out; no Ray task is submitted per step. The batch is
+  split into micro-batches, each one execution of the graph, all in flight at once, so stage i works
+  on micro-batch m+1 while stage i+1 works on m.
+- Prefill runs stage by stage as ordinary actor calls, one unit (a chunk through a layer) per call,
+  hidden states handed on as ObjectRefs (the replica never fetches them): the stage actor keeps the
+  sequence's prefill generator between calls, so the engine's decode steps run between any two
+  units, an abort lands within one unit, and the executor's `prefill_steps` yields once per unit as
+  `protocol.Executor` asks.
+- A compiled graph runs its steps on a background thread of each actor while ordinary calls run on
+  the main one, so a stage's lock serialises them (they never overlapped before either: an actor ran
+  its calls one at a time).
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Hashable
 
 import ray
 import torch
+from ray.dag import InputNode
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -42,6 +48,7 @@ class StageActor:
         self.layer_ids = layer_ids
         self._prefills: dict = {}          # seq_id -> its prefill generator
         self._layers_done: dict = {}
+        self._lock = threading.Lock()      # the compiled graph's thread vs ordinary calls
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
@@ -52,14 +59,16 @@ class StageActor:
     def reserve(self, seq_id: Hashable, num_tokens: int):
         """None, or (message, ever) of the KVCapacityError (re-raised by the executor)."""
         try:
-            self.stage.reserve(seq_id, num_tokens)
+            with self._lock:
+                self.stage.reserve(seq_id, num_tokens)
         except KVCapacityError as e:
             return str(e), e.ever
         return None
 
     def free(self, seq_id: Hashable) -> None:
         self.prefill_cancel(seq_id)
-        self.stage.free(seq_id)
+        with self._lock:
+            self.stage.free(seq_id)
 
     def prefill_start(self, seq_id: Hashable, x: torch.Tensor) -> None:
         """x: token ids, or the previous stage's hidden states (an ObjectRef Ray resolves)."""
@@ -71,7 +80,8 @@ class StageActor:
 
     def prefill_advance(self, seq_id: Hashable) -> int:
         """Runs one unit (a chunk through a layer); -> this stage's layers done."""
-        next(self._prefills[seq_id])
+        with self._lock:
+            next(self._prefills[seq_id])
         return self._layers_done[seq_id]
 
     def prefill_finish(self, seq_id: Hashable):
@@ -79,7 +89,8 @@ class StageActor:
         last stage: the logits), on CPU."""
         gen = self._prefills.pop(seq_id)
         try:
-            next(gen)
+            with self._lock:
+                next(gen)
         except StopIteration as done:
             out = done.value
             return out.float().cpu() if self.stage.last else out.cpu()
@@ -92,11 +103,20 @@ class StageActor:
         gen = self._prefills.pop(seq_id, None)
         self._layers_done.pop(seq_id, None)
         if gen is not None:
-            gen.close()
+            with self._lock:
+                gen.close()
 
     def decode(self, seq_ids: list, x: torch.Tensor, positions: torch.Tensor):
-        out = self.stage.decode(seq_ids, x, positions)
-        return out.float().cpu() if self.stage.last else out.cpu()
+        with self._lock:
+            out = self.stage.decode(seq_ids, x, positions)
+            return out.float().cpu() if self.stage.last else out.cpu()
+
+    def decode_step(self, step: tuple):
+        """One micro-batch in the compiled decode graph: (seq_ids, ids or hidden states, positions)
+        -> the same for the next stage, or the logits from the last stage."""
+        seq_ids, x, positions = step
+        out = self.decode(seq_ids, x, positions)
+        return out if self.stage.last else (seq_ids, out, positions)
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict:
@@ -132,6 +152,14 @@ class RayPipelineExecutor:
             self.stages.append(Remote.options(**opts).remote(cfg, model_cfg, layers, device, threads))
         self.stage_info = ray.get([st.info.remote() for st in self.stages])
         self.layer_ranges = [range(*i["layers"]) for i in self.stage_info]
+        self.decode_graph = self._compile_decode()
+
+    def _compile_decode(self):
+        with InputNode() as step:
+            x = step
+            for st in self.stages:
+                x = st.decode_step.bind(x)
+        return x.experimental_compile(_max_inflight_executions=max(2, self.micro_batches))
 
     # -- the protocol.Executor interface ----------------------------------------------------------
     def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
@@ -180,18 +208,17 @@ class RayPipelineExecutor:
         B = len(seq_ids)
         m = max(1, min(self.micro_batches, B))
         bounds = [B * j // m for j in range(m + 1)]
-        refs = []
-        for a, b in zip(bounds, bounds[1:]):
-            x = ids[a:b]
-            for st in self.stages:
-                x = st.decode.remote(seq_ids[a:b], x, positions[a:b])
-            refs.append(x)
-        return torch.cat(ray.get(refs), dim=0)
+        refs = [self.decode_graph.execute((seq_ids[a:b], ids[a:b], positions[a:b]))
+                for a, b in zip(bounds, bounds[1:])]
+        return torch.cat([ray.get(r) for r in refs], dim=0)
 
     def stats(self) -> EngineStats:
         return EngineStats.from_stages(ray.get([st.stats.remote() for st in self.stages]))
 
     def shutdown(self) -> None:
+        if self.decode_graph is not None:
+            self.decode_graph.teardown()
+            self.decode_graph = None
         for st in self.stages:
             ray.kill(st)
         self.stages = []
