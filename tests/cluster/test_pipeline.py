@@ -64,3 +64,27 @@ def test_abort_during_prefill_frees_kv(pipeline):
         outs += eng.step()
     assert outs[-1].finished and outs[-1].finish_reason == "abort" and not outs[-1].token_ids
     assert pipeline.stats().used_bytes == 0
+
+
+def test_a_dead_stage_fails_the_step_at_once(ray_local):
+    """Decode runs through a compiled graph: a stage that dies closes its channels, so the next
+    step raises (the engine loop then fails the replica's requests) instead of waiting on it."""
+    import time
+
+    from retroinfer.cluster.serve.pipeline import RayPipelineExecutor
+    ex = RayPipelineExecutor(CFG, load_model_config("tiny"), 2, num_cpus=1, num_gpus=0, placement_group=None)
+    try:
+        eng = LLMEngine(CFG, executor=ex)
+        eng.add_request("a", list(range(1, 20)), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        while not eng.running:
+            eng.step()
+        eng.step()                                     # one decode step through the graph
+        ray.kill(ex.stages[1])
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        with pytest.raises(Exception) as e:
+            for _ in range(3):
+                eng.step()
+        assert time.perf_counter() - t0 < 10 and "Channel" in type(e.value).__name__ + str(e.value)
+    finally:
+        ex.shutdown()
