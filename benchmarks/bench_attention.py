@@ -1,7 +1,9 @@
 """One layer's decode attention, Llama-3-8B shape (32 query / 8 KV heads, head dim 128, bf16):
 wave attention against full attention (torch SDPA, and our paged kernel) in the same run, and
 the index build against the layer's prefill attention. Decode times are CUDA-graph replays (the
-engine replays its decode step as a graph); wave's eager time is reported beside. `--profile`
+engine replays its decode step as a graph); wave's eager time is reported beside. Each decode is
+held against its floor (`floor.py`: the bytes its zones must read over the HBM bandwidth measured
+in this run): `wave_floor_frac`, `sdpa_floor_frac` = floor / time. `--profile`
 lists the kernels of a wave decode (the profiled case) and of the index build.
 
     python benchmarks/bench_attention.py --contexts 32768,131072,524288 --batches 1,8,32
@@ -17,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_time, graph_time, graph_timeline, table, write_result  # noqa: E402
+from common import cuda_time, graph_time, graph_timeline, hbm_bandwidth, table, write_result  # noqa: E402
+from floor import full_step_bytes, wave_seqs, wave_step_bytes  # noqa: E402
 
 from retroinfer.attention import make_backend  # noqa: E402
 from retroinfer.attention.prefill import causal_attention  # noqa: E402
@@ -51,7 +54,8 @@ def clustered_kv(T: int, g: torch.Generator):
     return k.transpose(0, 1).to(torch.bfloat16), v.transpose(0, 1).to(torch.bfloat16)
 
 
-def bench_case(T: int, B: int, wave: WaveConfig, profile: bool = False, timeline: bool = False) -> dict:
+def bench_case(T: int, B: int, wave: WaveConfig, hbm_bytes_per_s: float, profile: bool = False,
+               timeline: bool = False) -> dict:
     g = torch.Generator(device="cuda").manual_seed(T + B)
     cfg = preset_config("random:llama3-8b")
     row = {"context": T, "batch": B}
@@ -65,10 +69,14 @@ def bench_case(T: int, B: int, wave: WaveConfig, profile: bool = False, timeline
         wb.reserve(b, T + 64)
         wb.write_prefill(0, b, k, v, 0)
         del k, v
+    zones = wave_step_bytes(wave_seqs(wb, range(B)), HKV, D, 2)      # what the step below must read
     plan = wb.plan_decode(list(range(B)))
     row["wave_eager_ms"] = cuda_time(lambda: wb.decode(0, plan, q, k1, k1)) * 1e3
     row["wave_ms"] = graph_time(lambda: wb.decode(0, plan, q, k1, k1)) * 1e3
     row["wave_plan_ms"] = cuda_time(lambda: wb.plan_decode(list(range(B))), iters=5) * 1e3 / 32
+    row["wave_floor_ms"] = zones.floor_ms(hbm_bytes_per_s)
+    row["wave_floor_frac"] = row["wave_floor_ms"] / row["wave_ms"]
+    row["wave_floor_zones_ms"] = zones.zone_ms(hbm_bytes_per_s)
     if profile:
         profile_kernels(f"wave decode, {T} tokens, batch {B}", lambda: wb.decode(0, plan, q, k1, k1))
     if timeline:
@@ -90,6 +98,7 @@ def bench_case(T: int, B: int, wave: WaveConfig, profile: bool = False, timeline
     fplan = fb.plan_decode(list(range(B)))
     row["paged_ms"] = graph_time(lambda: fb.decode(0, fplan, q, k1, k1)) * 1e3
     row["kv_gb_per_s_sdpa"] = B * T * HKV * D * 2 * 2 / (row["sdpa_ms"] / 1e3) / 1e9
+    row["sdpa_floor_frac"] = full_step_bytes([T] * B, HKV, D, 2).floor_ms(hbm_bytes_per_s) / row["sdpa_ms"]
     row["speedup"] = min(row["sdpa_ms"], row["paged_ms"]) / row["wave_ms"]
     del fb, fplan, kk
     torch.cuda.empty_cache()
@@ -122,6 +131,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU")
     wave = WaveConfig()
+    bw = hbm_bandwidth()
     rows = []
     for T in map(int, a.contexts.split(",")):
         for B in map(int, a.batches.split(",")):
@@ -129,17 +139,17 @@ def main() -> None:
                 rows.append({"context": T, "batch": B, "skipped": "does not fit"})
                 continue
             try:
-                rows.append(bench_case(T, B, wave, a.profile, a.timeline))
+                rows.append(bench_case(T, B, wave, bw, a.profile, a.timeline))
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 rows.append({"context": T, "batch": B, "skipped": "out of memory"})
             print(rows[-1], flush=True)
     table(rows, ["context", "batch", "sdpa_ms", "paged_ms", "wave_ms", "wave_eager_ms", "wave_plan_ms", "speedup",
-                 "kv_gb_per_s_sdpa"])
+                 "kv_gb_per_s_sdpa", "sdpa_floor_frac", "wave_floor_ms", "wave_floor_frac"])
     build = None if a.no_build else bench_build(a.build_context, wave, a.profile)
     if build:
         table([build], list(build))
-    write_result(a.name, {"shape": {"hq": HQ, "hkv": HKV, "d": D, "dtype": "bfloat16"},
+    write_result(a.name, {"shape": {"hq": HQ, "hkv": HKV, "d": D, "dtype": "bfloat16"}, "hbm_bytes_per_s": bw,
                                "wave": wave.__dict__, "decode": rows, "build": build})
 
 

@@ -4,8 +4,11 @@
         --attention full
 
 Each batch size gets fresh sequences of `--context` prompt tokens (reduced where the KV of the
-batch does not fit, and said so). The roofline of a decode step is (weight bytes + KV bytes read)
-over the HBM bandwidth measured in this run. With CUDA graphs, `replay_ms` is the GPU time of the
+batch does not fit, and said so). The floor of a decode step (`floor.py`) is the bytes it must move,
+weights and each attention zone's (full attention: every key and value; wave: steady zone,
+centroids, retrieved rows, estimated clusters' means, with retrieved rows that miss the GPU cache
+over PCIe), at the HBM and PCIe bandwidth measured in this run; `floor_frac` = floor / step, and
+`floor_zones_ms` each zone's share of it. With CUDA graphs, `replay_ms` is the GPU time of the
 step's graphs replayed back to back and `host_ms` = step_ms - replay_ms the host's share of a step
 (planning, copies, sampling, scheduling); `--profile` lists the kernels that take the GPU time."""
 from __future__ import annotations
@@ -14,12 +17,14 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hbm_bandwidth, table, write_result  # noqa: E402
+from common import hbm_bandwidth, pcie_bandwidth, table, write_result  # noqa: E402
+from floor import StepBytes, decode_weight_bytes, full_step_bytes, wave_seqs, wave_step_bytes  # noqa: E402
 
 from retroinfer.config import ATTENTIONS, EngineConfig, WaveConfig, fraction_or_auto  # noqa: E402
 from retroinfer.engine.llm_engine import LLMEngine  # noqa: E402
@@ -80,6 +85,25 @@ def stdlib_text_ids(engine: LLMEngine, tokens: int) -> list[int]:
     raise SystemExit(f"the standard library holds fewer than {tokens} tokens of text")
 
 
+def step_bytes(engine: LLMEngine, pcie_bytes: float = 0) -> StepBytes | None:
+    """What the engine's next decode step must move (`floor.py`), from its backends' state; None
+    for a backend without a floor model (quest)."""
+    mc, dtype = engine.model_cfg, engine.executor.dtype
+    ids = [s.request_id for s in engine.running]
+    out = StepBytes(weights=decode_weight_bytes(mc, dtype))
+    for st in engine.executor.stages:
+        layers, be = len(st.backend.layer_ids), st.backend
+        if engine.cfg.attention == "wave":
+            out += wave_step_bytes(wave_seqs(be, ids), mc.num_kv_heads, mc.head_dim, dtype.itemsize, layers,
+                                   pcie_bytes * layers / mc.num_layers)
+        elif engine.cfg.attention == "full":
+            out += full_step_bytes([s.num_tokens for s in engine.running], mc.num_kv_heads, mc.head_dim,
+                                   dtype.itemsize, layers)
+        else:
+            return None
+    return out
+
+
 def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int,
               synthesize: bool = False, profile: bool = False, warmup: int = 3,
               text: list[int] | None = None) -> dict:
@@ -123,6 +147,7 @@ def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int
                                   "cache_bytes") if k in stats}
     if "pcie_bytes_per_step" in wave:
         wave["pcie_gb_per_s"] = wave["pcie_bytes_per_step"] / step_s / 1e9
+    zones = step_bytes(engine, wave.get("pcie_bytes_per_step", 0))
     # Offload: replays of one step repeat its clusters, which then all hit the GPU cache: no measure
     # of a real step's GPU time.
     replay = None if engine.cfg.offload else replay_ms(engine)
@@ -133,7 +158,7 @@ def run_batch(engine: LLMEngine, batch: int, context: int, steps: int, seed: int
     engine.step()
     return {"batch": batch, "context": context, "prefill_s": None if synthesize else min(prefill_s),
             "setup_s": sum(prefill_s), "step_ms": step_s * 1e3, "tokens_per_s": batch / step_s,
-            "replay_ms": replay, "host_ms": None if replay is None else step_s * 1e3 - replay, **wave}
+            "replay_ms": replay, "host_ms": None if replay is None else step_s * 1e3 - replay, "bytes": zones, **wave}
 
 
 def main() -> None:
@@ -167,7 +192,7 @@ def main() -> None:
         sys.exit("bench_decode needs a CUDA GPU")
     batches = [0 if b == "max" else int(b) for b in a.batches.split(",")]   # 0: the largest that fits
     contexts = [int(c) for c in a.context.split(",")]
-    bw = hbm_bandwidth()
+    bw, pcie_bw = hbm_bandwidth(), pcie_bandwidth()
     cfg = EngineConfig(model=resolve_model(a.model), attention=a.attention, dtype=a.dtype, device="cuda",
                        max_batch=max(batches) or 16, max_model_len=max(contexts) + a.warmup + a.steps + 64,
                        prefill_chunk=8192, prefill_budget_tokens=None,
@@ -198,22 +223,23 @@ def main() -> None:
                 st.graphs = graph_runners[st] if graphs else None
             r = run_batch(engine, b, context, a.steps, seed=b, synthesize=a.synthesize, warmup=a.warmup, text=text,
                           profile=a.profile and bi == len(batches) * len(contexts) - 1 and graphs == modes[0])
-            kv_read = b * (context + a.steps // 2) * per_token
-            roof_ms = (weight_bytes + kv_read) / bw * 1e3 if a.attention == "full" else None
+            zones = r.pop("bytes")
+            floor_ms = zones.floor_ms(bw, pcie_bw) if zones else None
             r.update(cuda_graphs=graphs and graph_runners[engine.executor.stages[0]] is not None,
-                     roofline_ms=roof_ms, roofline_frac=roof_ms / r["step_ms"] if roof_ms else None,
-                     context_reduced=context < want)
+                     floor_ms=floor_ms, floor_frac=floor_ms / r["step_ms"] if floor_ms else None,
+                     floor_zones_ms=zones.zone_ms(bw, pcie_bw) if zones else None,
+                     step_bytes=asdict(zones) if zones else None, context_reduced=context < want)
             rows.append(r)
             print(r, flush=True)
     table(rows, ["batch", "context", "cuda_graphs", "prefill_s", "setup_s", "step_ms", "replay_ms", "host_ms",
-                 "roofline_ms", "roofline_frac", "tokens_per_s", "pcie_gb_per_s", "cache_hit_ratio",
+                 "floor_ms", "floor_frac", "tokens_per_s", "pcie_gb_per_s", "cache_hit_ratio",
                  "cache_row_hit_ratio"])
     write_result(a.name or f"decode_{a.attention}", {
         "model": a.model, "attention": a.attention, "offload": a.offload, "synthesized_kv": a.synthesize,
         "prompts": "stdlib text" if a.text else ("synthesized KV" if a.synthesize else "random ids"),
         "cache_fraction": a.cache_fraction if a.offload else None,
         "cache_slot_rows": a.cache_slot_rows if a.offload else None, "warmup_steps": a.warmup,
-        "dtype": a.dtype, "hbm_bytes_per_s": bw,
+        "dtype": a.dtype, "hbm_bytes_per_s": bw, "pcie_bytes_per_s": pcie_bw,
         "weight_bytes": weight_bytes, "kv_bytes_per_token": engine.bytes_per_token, "load_s": load_s,
         "kv_capacity_bytes": capacity, "rows": rows})
 

@@ -48,6 +48,23 @@ def hbm_bandwidth(gib: float = 4.0) -> float:
     return 2 * n * 2 / sorted(times[2:])[len(times[2:]) // 2]
 
 
+def pcie_bandwidth(gib: float = 1.0) -> float:
+    """Pinned host memory to the GPU, bytes per second (median of 10): the wave buffer's link."""
+    n = int(gib * 2**30)
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+        s.record()
+        dev.copy_(host, non_blocking=True)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del host, dev
+    return n / sorted(times[2:])[len(times[2:]) // 2]
+
+
 def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
     """Median seconds of fn() timed with CUDA events."""
     for _ in range(warmup):
