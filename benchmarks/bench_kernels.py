@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS  # noqa: E402
+
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 G = HQ // HKV
 DT = torch.bfloat16
@@ -396,7 +399,7 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.get_device_name()
     out = Path(args.out) if args.out else (
-        Path(__file__).resolve().parent / "results" / f"kernels_{re.sub(r'[^a-z0-9]+', '_', gpu.lower()).strip('_')}.json")
+        RESULTS / f"kernels_{re.sub(r'[^a-z0-9]+', '_', gpu.lower()).strip('_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "command": " ".join([sys.executable] + sys.argv),

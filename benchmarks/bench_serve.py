@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS  # noqa: E402
 
 
 async def one(client: httpx.AsyncClient, body: dict) -> dict:
@@ -93,7 +94,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=0,
                    help="requests sent one by one before timing (the first compiles kernels, captures graphs)")
     p.add_argument("--name", default="serve", help="result file name prefix")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     t = p.add_argument_group("trace mode")
     t.add_argument("--trace", action="store_true", help="replay one arrival trace in process and over HTTP")
     t.add_argument("--streams", type=int, default=8, help="requests in the trace")

@@ -1,8 +1,11 @@
 """Shared by the benchmarks: the card and versions, HBM bandwidth measured in the same run, and
-results written to benchmarks/results/<name>_<gpu>.json with the command line."""
+results written to benchmarks/results/<name>_<gpu>.json with the command line (or under
+$RETROINFER_RESULTS_DIR: on a device machine that re-syncs the working tree between calls, a run
+that outlives its call writes outside it)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("RETROINFER_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def environment() -> dict:
