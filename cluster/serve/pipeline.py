@@ -4,7 +4,9 @@ created in the replica's placement group, and `RayPipelineExecutor`, which has t
 
 - Decode is one Ray compiled graph (`ray.dag`, compiled once when the executor starts): the batch's
   ids go in, each stage's hidden states pass to the next through the graph's channels (shared memory
-  on one host), the last stage's logits come out; no Ray task is submitted per step. The batch is
+  on one host), and out of the last stage come every row's argmax and the logits of only the rows
+  whose requests sample (`SparseLogits`): a greedy row sends back its token id, not [V] floats. No
+  Ray task is submitted per step. The batch is
   split into micro-batches, each one execution of the graph, all in flight at once, so stage i works
   on micro-batch m+1 while stage i+1 works on m.
 - Prefill runs stage by stage as ordinary actor calls, one unit (a chunk through a layer) per call,
@@ -31,6 +33,7 @@ from retroinfer.attention import KVCapacityError
 from retroinfer.config import EngineConfig, ModelConfig, parse_dtype
 from retroinfer.engine.executor import split_layers
 from retroinfer.engine.protocol import EngineStats
+from retroinfer.engine.sampling import SparseLogits
 from retroinfer.engine.stage import Stage
 from retroinfer.kernels import cdiv
 from retroinfer.numa import binding_report
@@ -106,17 +109,18 @@ class StageActor:
             with self._lock:
                 gen.close()
 
-    def decode(self, seq_ids: list, x: torch.Tensor, positions: torch.Tensor):
+    def decode_step(self, step: tuple):
+        """One micro-batch in the compiled decode graph: (seq_ids, ids or hidden states, positions,
+        rows that sample) -> the same for the next stage; the last stage returns `SparseLogits`:
+        every row's argmax and the logits of the rows that sample, so a greedy row sends only its
+        token id back."""
+        seq_ids, x, positions, sampled = step
         with self._lock:
             out = self.stage.decode(seq_ids, x, positions)
-            return out.float().cpu() if self.stage.last else out.cpu()
-
-    def decode_step(self, step: tuple):
-        """One micro-batch in the compiled decode graph: (seq_ids, ids or hidden states, positions)
-        -> the same for the next stage, or the logits from the last stage."""
-        seq_ids, x, positions = step
-        out = self.decode(seq_ids, x, positions)
-        return out if self.stage.last else (seq_ids, out, positions)
+            if not self.stage.last:
+                return seq_ids, out.cpu(), positions, sampled
+            logits = out.float()
+            return SparseLogits(logits.argmax(dim=-1).cpu(), {i: logits[i].cpu() for i in sampled})
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict:
@@ -204,13 +208,19 @@ class RayPipelineExecutor:
                 progress(li)
         return max(reported, done)
 
-    def decode(self, seq_ids: list, ids: torch.Tensor, positions: torch.Tensor):
+    def decode(self, seq_ids: list, ids: torch.Tensor, positions: torch.Tensor,
+               sampled_rows: list[int] | None = None) -> SparseLogits:
+        """-> `SparseLogits`: the rows of `sampled_rows` (default all) whole, every row's argmax."""
         B = len(seq_ids)
+        sampled = set(range(B) if sampled_rows is None else sampled_rows)
         m = max(1, min(self.micro_batches, B))
         bounds = [B * j // m for j in range(m + 1)]
-        refs = [self.decode_graph.execute((seq_ids[a:b], ids[a:b], positions[a:b]))
+        refs = [self.decode_graph.execute((seq_ids[a:b], ids[a:b], positions[a:b],
+                                           [i - a for i in range(a, b) if i in sampled]))
                 for a, b in zip(bounds, bounds[1:])]
-        return torch.cat([ray.get(r) for r in refs], dim=0)
+        parts = [ray.get(r) for r in refs]
+        return SparseLogits(torch.cat([p.argmax for p in parts]),
+                            {a + i: row for a, p in zip(bounds, parts) for i, row in p.rows.items()})
 
     def stats(self) -> EngineStats:
         return EngineStats.from_stages(ray.get([st.stats.remote() for st in self.stages]))

@@ -65,7 +65,9 @@ class LocalExecutor:
             x = yield from st.prefill_steps(seq_id, x, progress)
         return x
 
-    def decode(self, seq_ids: list, ids: torch.Tensor, positions: torch.Tensor):
+    def decode(self, seq_ids: list, ids: torch.Tensor, positions: torch.Tensor, sampled_rows=None):
+        """-> logits [B, V] (on the device: `sampled_rows` is a hint for executors whose logits
+        would cross processes)."""
         x = ids
         for st in self.stages:
             x = st.decode(seq_ids, x, positions)

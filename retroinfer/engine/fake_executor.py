@@ -53,7 +53,7 @@ class FakeExecutor:
                 progress(layer)
         return self._logits([int(ids[-1])], [T - 1])
 
-    def decode(self, seq_ids: list, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(self, seq_ids: list, ids: torch.Tensor, positions: torch.Tensor, sampled_rows=None) -> torch.Tensor:
         assert all(s in self.held for s in seq_ids)
         if self.decode_s:
             time.sleep(self.decode_s)

@@ -240,7 +240,8 @@ class LLMEngine:
         ids = torch.tensor([s.output_ids[-1] for s in batch], dtype=torch.long)
         positions = torch.tensor([s.num_tokens - 1 for s in batch], dtype=torch.long)
         t0 = time.perf_counter()
-        logits = self.executor.decode([s.request_id for s in batch], ids, positions)   # the engine's
+        sampled = [i for i, s in enumerate(batch) if not s.params.greedy]
+        logits = self.executor.decode([s.request_id for s in batch], ids, positions, sampled)   # the engine's
         errors: dict[int, Exception] = {}
         toks = self.sampler(logits, [s.params for s in batch], [s.generator for s in batch], errors)
         self._last.update(decode_batch=len(batch), decode_s=time.perf_counter() - t0)

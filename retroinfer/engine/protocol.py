@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Hashable, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from .sampling import SparseLogits
+
 
 class FinishReason(enum.StrEnum):
     STOP = "stop"          # an EOS or stop token, or a stop string
@@ -155,7 +157,10 @@ class Executor(Protocol):
     `prefill_chunk` prompt tokens through one layer (so `num_layers * ceil(T / prefill_chunk)`
     times), calls `progress(layer)` as each layer finishes, and returns the last prompt token's
     logits [1, V]; closing it mid-way abandons the prefill (the engine then frees the KV).
-    `decode` runs one step for a batch and returns logits [B, V] (valid until the next call).
+    `decode` runs one step for a batch and returns logits [B, V] (valid until the next call), or
+    `sampling.SparseLogits`: every row's argmax and the whole rows of `sampled_rows` only (the
+    batch rows whose requests sample; the others are greedy), for an executor that would otherwise
+    move [B, V] between processes.
     """
     device: "torch.device"           # where logits arrive
     dtype: "torch.dtype"             # of the KV cache
@@ -167,7 +172,8 @@ class Executor(Protocol):
     def prefill_steps(self, seq_id: Hashable, ids: "torch.Tensor",
                       progress: Callable[[int], None] | None = None) -> Generator[None, None, "torch.Tensor"]: ...
 
-    def decode(self, seq_ids: list, ids: "torch.Tensor", positions: "torch.Tensor") -> "torch.Tensor": ...
+    def decode(self, seq_ids: list, ids: "torch.Tensor", positions: "torch.Tensor",
+               sampled_rows: list[int] | None = None) -> "torch.Tensor | SparseLogits": ...
 
     def stats(self) -> EngineStats: ...
 

@@ -55,9 +55,22 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+@dataclass
+class SparseLogits:
+    """A decode step's logits as far as the sampler needs them: every row's argmax (all a greedy
+    row takes) and the whole rows of those that sample. An executor whose logits are far away (the
+    last stage of a pipeline) returns this instead of [B, V], so only token ids cross for greedy
+    rows; the tokens are those of the whole logits, since a greedy row takes their argmax."""
+    argmax: torch.Tensor                       # [B] int64
+    rows: dict[int, torch.Tensor]              # batch row -> its logits [V] float32
+
+    def __len__(self) -> int:
+        return self.argmax.shape[0]
+
+
 class Sampler:
-    """One token per row of logits [B, V] (float32). Each request keeps its own generator, so a
-    seeded request gives the same tokens whatever else shares its batch."""
+    """One token per row of logits [B, V] (float32), or of `SparseLogits`. Each request keeps its
+    own generator, so a seeded request gives the same tokens whatever else shares its batch."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -67,15 +80,17 @@ class Sampler:
         g.manual_seed(seed if seed is not None else torch.seed())
         return g
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+    def __call__(self, logits: torch.Tensor | SparseLogits, params: list[SamplingParams],
                  generators: list[torch.Generator], errors: dict[int, Exception] | None = None) -> list[int]:
         """`errors`, when given, receives {row: exception} for rows whose sampling raised (their
         token is then meaningless) instead of the exception ending the whole batch."""
-        out = logits.argmax(dim=-1)
+        sparse = isinstance(logits, SparseLogits)
+        out = logits.argmax.clone() if sparse else logits.argmax(dim=-1)
         for i, p in enumerate(params):
             if not p.greedy:
                 try:
-                    out[i] = self._sample_row(logits[i], p, generators[i])
+                    row = logits.rows[i] if sparse else logits[i]
+                    out[i] = self._sample_row(row, p, generators[i])
                 except Exception as e:    # noqa: BLE001 - that row's: its parameters, its logits
                     if errors is None:
                         raise

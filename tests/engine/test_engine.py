@@ -84,3 +84,22 @@ def test_byte_tokenizer_streams_every_large_vocab_token():
         ids.append(t)
         deltas.append(detok.delta(ids))
     assert deltas == ["h", "\u2047", "\u2047", "", "\u00e9", "", "\u2047"]
+
+
+def test_sparse_logits_sample_as_the_whole_logits_do():
+    """An executor may hand the sampler every row's argmax and only the sampled rows' logits
+    (`SparseLogits`): greedy rows take the argmax, sampled rows draw from their own generator, so
+    the tokens are those of the whole [B, V] logits."""
+    import torch
+
+    from retroinfer.engine.sampling import Sampler, SparseLogits
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 300, generator=g)
+    params = [SamplingParams(temperature=t, top_k=k, seed=s) for t, k, s in
+              [(0, 0, None), (0.8, 0, 1), (0, 0, None), (1.2, 40, 2), (0.5, 1, 3)]]   # top_k 1: greedy
+    sampler = Sampler(torch.device("cpu"))
+    gens = lambda: [sampler.generator(p.seed if p.seed is not None else 0) for p in params]  # noqa: E731
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    assert sampled == [1, 3]
+    sparse = SparseLogits(logits.argmax(dim=-1), {i: logits[i].clone() for i in sampled})
+    assert sampler(sparse, params, gens()) == sampler(logits, params, gens())
