@@ -188,6 +188,14 @@ class Ingress:
         raise P.APIError(429, f"no replica has room for this request now: {last['message']}",
                          code="kv_cache_full", retry_after_s=last["retry_after_s"])
 
+    async def _replica_info(self, report: dict) -> dict:
+        """A replica's own account of itself, or its latest report and why it did not answer (a
+        replica being replaced, say): one replica's trouble is not the whole answer's."""
+        try:
+            return await asyncio.wait_for(self.engine.info.remote(target=report["replica"]), 30)
+        except Exception as e:   # noqa: BLE001 - reported in the answer
+            return {**{k: v for k, v in report.items() if k != "metrics"}, "error": f"{type(e).__name__}: {e}"[:300]}
+
     async def abort_engine(self, replica: str, request_id: str) -> bool:
         """Aborts an engine request that a previous ingress left running: its caller is gone, so
         Serve will not cancel it. -> False if the replica is gone (and the request with it)."""
@@ -365,7 +373,7 @@ class Ingress:
             await asyncio.wait_for(self.engine.ping.remote(), 30)
             reps = self.replicas()
         if detail:   # one call at a time: concurrent calls under one request context hang (see jobs.py)
-            reps = [await asyncio.wait_for(self.engine.info.remote(target=r["replica"]), 30) for r in reps]
+            reps = [await self._replica_info(r) for r in reps]
         else:        # their request metrics are /metrics's
             reps = [{k: v for k, v in r.items() if k != "metrics"} for r in reps]
         return {"model": self.front.model_name, "bytes_per_token": self.front.bytes_per_token, "replicas": reps}

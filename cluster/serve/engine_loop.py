@@ -40,7 +40,7 @@ import time
 from dataclasses import asdict
 
 from retroinfer.engine.llm_engine import LLMEngine
-from retroinfer.engine.protocol import AdmissionError, EngineStats
+from retroinfer.engine.protocol import AdmissionError, EngineStats, ExecutorFailure
 from retroinfer.engine.sampling import SamplingParams
 
 from .monitor import LoopObserver, ReplicaMonitor
@@ -224,10 +224,11 @@ class EngineLoop:
                 self._timing[1] += self._step_end - t0
             except Exception as e:   # not a request's (the engine keeps those to the request)
                 first = self.failure is None
-                self.failure = self.failure or f"engine step failed: {type(e).__name__}"
+                why = str(e) if isinstance(e, ExecutorFailure) else type(e).__name__   # ours to show, or a type
+                self.failure = self.failure or f"engine step failed: {why}"
                 if first:
                     log.exception("engine step failed: the replica is unhealthy and will be replaced")
-                self._fail_all(f"internal error in the engine: {type(e).__name__}")
+                self._fail_all(f"internal error in the engine: {why}")
                 time.sleep(0.5)      # the step that frees the aborted requests' KV may fail again
                 continue
             finally:

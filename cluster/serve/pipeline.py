@@ -23,16 +23,20 @@ from __future__ import annotations
 import threading
 from typing import Callable, Hashable
 
+import os
+from contextlib import contextmanager
+
 import ray
 import torch
 from ray.dag import InputNode
+from ray.exceptions import RayActorError, RayChannelError
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from retroinfer.attention import KVCapacityError
 from retroinfer.config import EngineConfig, ModelConfig, parse_dtype
 from retroinfer.engine.executor import split_layers
-from retroinfer.engine.protocol import EngineStats
+from retroinfer.engine.protocol import EngineStats, ExecutorFailure
 from retroinfer.engine.sampling import SparseLogits
 from retroinfer.engine.stage import Stage
 from retroinfer.kernels import cdiv
@@ -57,7 +61,7 @@ class StageActor:
     def info(self) -> dict:
         ctx = ray.get_runtime_context()
         return {"layers": [self.layer_ids.start, self.layer_ids.stop], "device": str(self.stage.device),
-                "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels(), **binding_report()}
+                "pid": os.getpid(), "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels(), **binding_report()}
 
     def reserve(self, seq_id: Hashable, num_tokens: int):
         """None, or (message, ever) of the KVCapacityError (re-raised by the executor)."""
@@ -127,6 +131,27 @@ class StageActor:
         return self.stage.stats()
 
 
+class StageLost(ExecutorFailure):
+    """A stage actor of this replica died or cannot be reached."""
+
+
+LOST = (RayActorError, RayChannelError)
+
+
+@contextmanager
+def _stages_alive():
+    """A stage that is gone, as `StageLost` (the executor's failure, not a request's)."""
+    try:
+        yield
+    except LOST as e:
+        raise StageLost(f"a pipeline stage of this replica is gone ({type(e).__name__})") from e
+
+
+def _get(refs):
+    with _stages_alive():
+        return ray.get(refs)
+
+
 def _remote_stage_class():
     return ray.remote(concurrency_groups={"control": 2})(StageActor)
 
@@ -154,7 +179,7 @@ class RayPipelineExecutor:
                 idx = first_bundle + i if first_bundle + i < pg.bundle_count else -1
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=idx)
             self.stages.append(Remote.options(**opts).remote(cfg, model_cfg, layers, device, threads))
-        self.stage_info = ray.get([st.info.remote() for st in self.stages])
+        self.stage_info = _get([st.info.remote() for st in self.stages])
         self.layer_ranges = [range(*i["layers"]) for i in self.stage_info]
         self.decode_graph = self._compile_decode()
 
@@ -167,7 +192,7 @@ class RayPipelineExecutor:
 
     # -- the protocol.Executor interface ----------------------------------------------------------
     def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
-        results = ray.get([st.reserve.remote(seq_id, num_tokens) for st in self.stages])
+        results = _get([st.reserve.remote(seq_id, num_tokens) for st in self.stages])
         failed = [r for r in results if r is not None]
         if failed:
             for st, r in zip(self.stages, results):
@@ -177,7 +202,7 @@ class RayPipelineExecutor:
 
     def free(self, seq_id: Hashable) -> None:
         # Waited for, so the stats that follow (routing, metrics) see the KV returned.
-        ray.get([st.free.remote(seq_id) for st in self.stages])
+        _get([st.free.remote(seq_id) for st in self.stages])
 
     def prefill_steps(self, seq_id: Hashable, ids: torch.Tensor, progress: Callable[[int], None] | None = None):
         """One remote call per unit, yielding after each; hidden states go stage to stage as
@@ -189,12 +214,12 @@ class RayPipelineExecutor:
                 st.prefill_start.remote(seq_id, x)
                 reported = 0
                 for _ in range(len(layers) * units_per_layer):
-                    done = ray.get(st.prefill_advance.remote(seq_id))
+                    done = _get(st.prefill_advance.remote(seq_id))
                     reported = self._report(layers, reported, done, progress)
                     yield
                 x = st.prefill_finish.remote(seq_id)
                 self._report(layers, reported, len(layers), progress)
-            out, st = ray.get(x), None
+            out, st = _get(x), None
         except BaseException:
             if st is not None:
                 st.prefill_cancel.remote(seq_id)
@@ -215,15 +240,16 @@ class RayPipelineExecutor:
         sampled = set(range(B) if sampled_rows is None else sampled_rows)
         m = max(1, min(self.micro_batches, B))
         bounds = [B * j // m for j in range(m + 1)]
-        refs = [self.decode_graph.execute((seq_ids[a:b], ids[a:b], positions[a:b],
-                                           [i - a for i in range(a, b) if i in sampled]))
-                for a, b in zip(bounds, bounds[1:])]
-        parts = [ray.get(r) for r in refs]
+        with _stages_alive():
+            refs = [self.decode_graph.execute((seq_ids[a:b], ids[a:b], positions[a:b],
+                                               [i - a for i in range(a, b) if i in sampled]))
+                    for a, b in zip(bounds, bounds[1:])]
+            parts = [ray.get(r) for r in refs]
         return SparseLogits(torch.cat([p.argmax for p in parts]),
                             {a + i: row for a, p in zip(bounds, parts) for i, row in p.rows.items()})
 
     def stats(self) -> EngineStats:
-        return EngineStats.from_stages(ray.get([st.stats.remote() for st in self.stages]))
+        return EngineStats.from_stages(_get([st.stats.remote() for st in self.stages]))
 
     def shutdown(self) -> None:
         if self.decode_graph is not None:

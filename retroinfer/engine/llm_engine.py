@@ -23,7 +23,7 @@ import torch
 from ..config import EngineConfig, ModelConfig
 from ..models.presets import is_preset, preset_config
 from .executor import LocalExecutor
-from .protocol import EngineStats, ErrorCode, Executor, FinishReason, RequestOutput
+from .protocol import EngineStats, ErrorCode, Executor, ExecutorFailure, FinishReason, RequestOutput
 from .sampling import Sampler, SamplingParams
 from .scheduler import PrefillWork, Scheduler
 from .sequence import Phase, Sequence, footprint_tokens
@@ -212,6 +212,8 @@ class LLMEngine:
                     except StopIteration as stop:
                         logits = stop.value
                         break
+            except ExecutorFailure:      # the executor's, not this request's
+                raise
             except Exception as e:       # noqa: BLE001 - this request's prefill
                 outputs.append(self._fail(seq, e))
                 continue

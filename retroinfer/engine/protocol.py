@@ -50,6 +50,12 @@ class AdmissionError(ValueError):
         self.admission = admission
 
 
+class ExecutorFailure(RuntimeError):
+    """The executor itself failed (a pipeline stage died), not the request it was working on: the
+    engine raises it out of `step` wherever it happens, prefill included, so the serving layer
+    fails the replica instead of failing its requests one by one."""
+
+
 @dataclass
 class RequestOutput:
     request_id: str

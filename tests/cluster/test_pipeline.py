@@ -109,3 +109,28 @@ def test_sampled_requests_match_the_local_executor(pipeline):
     got = run(LLMEngine(CFG, executor=pipeline))
     assert got == want
     assert len({tuple(t) for t in want}) == len(want)      # the rows differ: a mix-up would show
+
+
+def test_a_stage_lost_during_prefill_is_the_engines_failure(ray_local):
+    """A stage that dies while a prompt prefills fails the engine step (StageLost, an
+    ExecutorFailure), not just that request: otherwise the replica would stay healthy and fail every
+    request sent to it. The stage info carries each stage's process id."""
+    import dataclasses
+    import os
+    import signal
+    import time
+
+    from retroinfer.cluster.serve.pipeline import RayPipelineExecutor, StageLost
+    ex = RayPipelineExecutor(CFG, load_model_config("tiny"), 2, num_cpus=1, num_gpus=0, placement_group=None)
+    try:
+        assert all(isinstance(s["pid"], int) for s in ex.stage_info)
+        eng = LLMEngine(dataclasses.replace(CFG, prefill_budget_tokens=64, prefill_chunk=64), executor=ex)
+        eng.add_request("a", list(range(1, 250)), SamplingParams(max_tokens=4, temperature=0))
+        eng.step()                                        # the prefill has begun
+        os.kill(ex.stage_info[0]["pid"], signal.SIGKILL)
+        time.sleep(1.0)
+        with pytest.raises(StageLost, match="pipeline stage of this replica is gone"):
+            for _ in range(50):
+                eng.step()
+    finally:
+        ex.shutdown()
