@@ -185,6 +185,9 @@ class Ingress:
             if head["code"] == "replica_unhealthy":
                 keep_out.append(head["replica"])
             last = head
+        if last["code"] == "replica_unhealthy":      # every replica tried is being replaced
+            raise P.APIError(429, f"no engine replica can take requests now: {last['message']}",
+                             code="replica_unhealthy", retry_after_s=last["retry_after_s"])
         raise P.APIError(429, f"no replica has room for this request now: {last['message']}",
                          code="kv_cache_full", retry_after_s=last["retry_after_s"])
 

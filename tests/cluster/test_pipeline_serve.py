@@ -35,6 +35,10 @@ def test_a_dead_stage_fails_its_request_clearly_and_the_replica_is_replaced(base
         assert r.status_code == 500, r.text
         err = r.json()["error"]
         assert err["code"] == "engine_error" and "pipeline stage of this replica is gone" in err["message"]
+        r = c.post("/v1/completions", json=body)      # before Serve replaces it: refused, and said why
+        if r.status_code != 200:                      # (Serve may already route to a replacement)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "replica_unhealthy", r.text
+            assert "retry-after" in r.headers
         t0 = time.time()
         wait_for(lambda: [i for i in cluster(c, detail=True) if i["replica"] != info["replica"] and "error" not in i],
                  90, interval=0.5, what="Serve to replace the replica")
