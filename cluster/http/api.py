@@ -6,8 +6,9 @@ A request is tokenised and checked here (`frontend.py`), then sent to the engine
 KV footprint, which the router (`serve/router.py`) places. The replica answers accepted or rejected
 first: a rejection for lack of room is retried on the other replicas; when none has room the
 request is sent once more to wait at the least loaded one (FCFS, at most `max_waiting_requests`
-per replica), and only if that queue is full is it a 429 with Retry-After; a request larger than any replica can hold is a 400 (decided here from the replicas'
-reported capacity when known, else by the replica). Responses carry `x-retroinfer-replica`.
+per replica), and only if that queue is full is it a 429 with Retry-After; a request larger than
+any replica can hold is a 400 (decided here from the replicas' reported capacity when known, else
+by the replica). Responses carry `x-retroinfer-replica`.
 If the client disconnects, Serve cancels this handler; the engine call is cancelled with it and
 the replica aborts the request, freeing its KV.
 """

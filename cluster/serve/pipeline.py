@@ -6,9 +6,10 @@ created in the replica's placement group, and `RayPipelineExecutor`, which has t
   ids go in, each stage's hidden states pass to the next through the graph's channels (shared memory
   on one host), and out of the last stage come every row's argmax and the logits of only the rows
   whose requests sample (`SparseLogits`): a greedy row sends back its token id, not [V] floats. No
-  Ray task is submitted per step. The batch is
-  split into micro-batches, each one execution of the graph, all in flight at once, so stage i works
-  on micro-batch m+1 while stage i+1 works on m.
+  Ray task is submitted per step. The batch is split into micro-batches, each one execution of the
+  graph, all in flight at once, so stage i works on micro-batch m+1 while stage i+1 works on m.
+- A stage that dies (its actor gone, its channels closed) is `StageLost`, an `ExecutorFailure`:
+  the engine step fails, so the replica turns unhealthy and Serve replaces it.
 - Prefill runs stage by stage as ordinary actor calls, one unit (a chunk through a layer) per call,
   hidden states handed on as ObjectRefs (the replica never fetches them): the stage actor keeps the
   sequence's prefill generator between calls, so the engine's decode steps run between any two
@@ -20,11 +21,10 @@ created in the replica's placement group, and `RayPipelineExecutor`, which has t
 """
 from __future__ import annotations
 
-import threading
-from typing import Callable, Hashable
-
 import os
+import threading
 from contextlib import contextmanager
+from typing import Callable, Hashable
 
 import ray
 import torch
