@@ -37,7 +37,6 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import asdict
 
 from retroinfer.engine.llm_engine import LLMEngine
 from retroinfer.engine.protocol import AdmissionError, EngineStats, ExecutorFailure
@@ -58,6 +57,11 @@ class Rejected(Exception):
     def to_message(self, retry_after_s: float) -> dict:
         return {"type": "rejected", "status": self.status, "code": self.code, "message": self.message,
                 "retry_after_s": retry_after_s}
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, dict]]) -> None:
+    for q, msg in puts:
+        q.put_nowait(msg)
 
 
 class EngineLoop:
@@ -161,17 +165,25 @@ class EngineLoop:
             log.exception("recording metrics failed")
 
     def _send(self, request_id: str, msg: dict, last: bool = False) -> None:
+        self._send_all([(request_id, msg, last)])
+
+    def _send_all(self, items: list[tuple[str, dict, bool]]) -> None:
+        """Hands (request_id, message, last) to their streams: one wake-up of each consumer loop for
+        the whole step, not one per request (the loop thread and the server share the GIL)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            entry = self._streams.get(request_id)
-        if last:
-            self._forget(request_id)
-        if entry is None:
-            return
-        loop, q = entry
-        try:
-            loop.call_soon_threadsafe(q.put_nowait, msg)
-        except RuntimeError:      # the consumer's loop is closed
-            pass
+            for rid, msg, last in items:
+                entry = self._streams.pop(rid, None) if last else self._streams.get(rid)
+                if entry is not None:
+                    by_loop.setdefault(entry[0], []).append((entry[1], msg))
+        for rid, _, last in items:
+            if last:
+                self.observer.forget(rid)
+        for loop, puts in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, puts)
+            except RuntimeError:      # the consumer's loop is closed
+                pass
 
     def _on_progress(self, request_id: str, done: int, total: int) -> None:
         if done == 0:     # its KV is reserved: the prefill starts
@@ -236,7 +248,7 @@ class EngineLoop:
             t = time.perf_counter()          # when this step's tokens became available
             for out in outputs:
                 self._record(out.request_id, out.completion_tokens, out.finished, out.finish_reason, t)
-                self._send(out.request_id, {"type": "output", **asdict(out)}, last=out.finished)
+            self._send_all([(out.request_id, {"type": "output", **vars(out)}, out.finished) for out in outputs])
             self._refresh_stats()
             self._log_timing()
 
