@@ -5,9 +5,11 @@ Phases: queued (waiting for a replica with room) -> prefill (with progress 0..1)
 done | failed | cancelled. Events: {"type": "phase" | "progress" | "token" | "done" | "failed" |
 "cancelled", ...}.
 
-- **Waiting for KV.** A 429 from the cluster keeps a job queued; it asks again after an exponential
-  backoff (Retry-After, doubled each time, at most `retry_max_s`, with jitter), or sooner when
-  another job finishes and frees KV (the oldest waiting job is woken first).
+- **Waiting for KV.** A job no replica has room for waits in a replica's queue like any request
+  (phase queued, its replica known). When those queues are full, the 429 keeps the job queued
+  here; it asks again after an exponential backoff (Retry-After, doubled each time, at most
+  `retry_max_s`, with jitter), or sooner when another job finishes and frees KV (the oldest
+  waiting job is woken first).
 - **Replica death.** An engine call that raises an actor error (the replica died or is
   unreachable), or a stream that ends before the request did, is tried again on another replica
   from the start (the KV died with the replica), up to `max_attempts` sends in all; then the job

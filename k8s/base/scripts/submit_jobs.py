@@ -3,8 +3,8 @@
 Each file under --prompts (sorted; *.txt is the prompt itself, *.json a request body with at least
 "prompt") becomes one job: POST /v1/jobs, then GET /v1/jobs/{id} until its phase is done, failed or
 cancelled. It first waits up to --wait seconds for GET /v1/models to answer (the model defaults to
-the first one listed). At most --concurrency jobs are in flight; a 429 (no replica has room for
-the KV) is retried after its Retry-After. Results go to --results/<name>.json (the final job
+the first one listed). At most --concurrency jobs are in flight; a 429 (the server already holds
+`max_queued_jobs` jobs waiting for KV) is retried after its Retry-After. Results go to --results/<name>.json (the final job
 object, "result" included) or <name>.error.json; a prompt whose <name>.json exists is skipped, so
 a rerun resumes. With --api-key (default: the first of the comma-separated RETROINFER_API_KEY)
 every call carries `Authorization: Bearer <key>`. SIGTERM/SIGINT cancel the jobs in flight (DELETE /v1/jobs/{id}). Exit status 0
