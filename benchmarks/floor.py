@@ -73,17 +73,15 @@ def wave_step_bytes(seqs: list[WaveSeq], num_kv_heads: int, head_dim: int, elem:
     """The attention bytes of one wave decode step over `layers` layers (weights not included).
     `pcie_bytes`: retrieved keys and values read from host memory in the step (the engine's
     `pcie_bytes_per_step`); they move from HBM's retrieval bytes to PCIe's."""
-    row = head_dim * elem                                 # one key or one value of one head
+    heads = num_kv_heads * layers
+    row = head_dim * elem * heads                         # one key (or value) in every KV head and layer
     b = StepBytes()
     for s in seqs:
         per_cluster = s.indexed_tokens / s.clusters if s.clusters else 0
-        b.steady += int(s.steady_rows * 2 * row)
+        b.steady += s.steady_rows * 2 * row
         b.centroids += s.clusters * row
         b.retrieval += int(s.retrieve * per_cluster * 2 * row)
-        b.estimation += s.estimate * (row + LOG_WEIGHT_BYTES)
-    scale = num_kv_heads * layers
-    b = StepBytes(steady=b.steady * scale, centroids=b.centroids * scale, retrieval=b.retrieval * scale,
-                  estimation=b.estimation * scale)
+        b.estimation += s.estimate * (row + LOG_WEIGHT_BYTES * heads)
     moved = min(b.retrieval, int(pcie_bytes))
     b.retrieval -= moved
     b.pcie = moved

@@ -82,7 +82,6 @@ class EngineLoop:
         self._stop = False
         self.failure: str | None = None             # why the engine failed (then unhealthy)
         self.stats: EngineStats = self._engine_stats()
-        self.capacity_bytes = self.stats.capacity_bytes
         self._stats_at = time.monotonic()
         self.log_interval_s = log_interval_s
         self._timing = [0, 0.0, 0.0, time.monotonic()]    # steps, seconds in step(), seconds between, since
@@ -153,10 +152,12 @@ class EngineLoop:
         self.thread.join(timeout=10)
 
     # -- the engine thread ----------------------------------------------------------------------
-    def _forget(self, request_id: str) -> None:
+    def _forget(self, request_id: str):
+        """Drops the request's stream (-> it, or None) and its metrics."""
         with self._lock:
-            self._streams.pop(request_id, None)
+            entry = self._streams.pop(request_id, None)
         self.observer.forget(request_id)
+        return entry
 
     def _record(self, request_id: str, completion_tokens: int, finished: bool, reason, t: float) -> None:
         try:
@@ -171,14 +172,14 @@ class EngineLoop:
         """Hands (request_id, message, last) to their streams: one wake-up of each consumer loop for
         the whole step, not one per request (the loop thread and the server share the GIL)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        with self._lock:
-            for rid, msg, last in items:
-                entry = self._streams.pop(rid, None) if last else self._streams.get(rid)
-                if entry is not None:
-                    by_loop.setdefault(entry[0], []).append((entry[1], msg))
-        for rid, _, last in items:
+        for rid, msg, last in items:
             if last:
-                self.observer.forget(rid)
+                entry = self._forget(rid)
+            else:
+                with self._lock:
+                    entry = self._streams.get(rid)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], msg))
         for loop, puts in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, puts)

@@ -81,7 +81,7 @@ class LLMReplica:
         self.loop = EngineLoop(self.engine, observer=self.monitor, step_timeout_s=opts.step_timeout_s,
                                max_waiting=opts.max_waiting)
         log.info("replica %s: %s, %d stage(s) via %s executor, KV capacity %d bytes", self.replica_id,
-                 cfg.model, opts.stages, opts.executor, self.loop.capacity_bytes)
+                 cfg.model, opts.stages, opts.executor, self.loop.stats.capacity_bytes)
 
     def _warm_up(self, lengths) -> None:
         """Before the replica takes traffic (and says healthy): for each length, max_batch requests

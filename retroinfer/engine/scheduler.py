@@ -107,12 +107,13 @@ class Scheduler:
             verdict = self.check(need)
             if verdict is Admission.NO_ROOM_NOW:
                 may_wait = (not self.reject_when_full) if wait is None else wait
-                waiting = sum(s.waits_for_room for s in (*self.waiting, *self._inbox))
-                if may_wait and self.max_waiting is not None and waiting >= self.max_waiting:
-                    raise AdmissionError(verdict, self._refusal(verdict, need) +
-                                         f", and {waiting} request(s) already wait for room")
                 if not may_wait:
                     raise AdmissionError(verdict, self._refusal(verdict, need))
+                if self.max_waiting is not None:
+                    waiting = sum(s.waits_for_room for s in (*self.waiting, *self._inbox))
+                    if waiting >= self.max_waiting:
+                        raise AdmissionError(verdict, self._refusal(verdict, need) +
+                                             f", and {waiting} request(s) already wait for room")
                 seq.waits_for_room = True
             elif verdict is Admission.NEVER_FITS:
                 raise AdmissionError(verdict, self._refusal(verdict, need))
