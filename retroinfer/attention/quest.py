@@ -117,7 +117,10 @@ def sparse_paged_decode(q, k_pages, v_pages, table, tokens, scale: float) -> tor
     s = torch.einsum("bhd,bhtd->bht", q.float(), k.float()) * scale
     valid = torch.arange(N * page, device=q.device) < tokens.long()[:, None, None]
     p = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1)
-    return torch.einsum("bht,bhtd->bhd", p, v.float()).to(q.dtype)
+    # rows past `tokens` (the last page's unwritten tail, the scratch page) hold whatever the pool
+    # held: a zero weight times a NaN there is NaN, so they are zeroed, not only weighted 0
+    v = v.float().masked_fill(~valid[..., None], 0.0)
+    return torch.einsum("bht,bhtd->bhd", p, v).to(q.dtype)
 
 
 class QuestAttention(FullAttention):

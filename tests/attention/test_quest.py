@@ -278,3 +278,23 @@ def test_random_lengths_property():
                 assert torch.allclose(out[i].double(), ref, atol=2e-5, rtol=1e-4), (trial, t, i)
 
         _run(qb, lens, 6, hq, hkv, d, seed=100 + trial, check=check)
+
+
+def test_rows_past_the_tokens_are_never_read_into_the_output():
+    """The pools are allocated uninitialised: the unwritten tail of a row's last page and the
+    scratch page may hold NaN. They are masked out, not only weighted zero (0 * NaN is NaN)."""
+    from retroinfer.attention.quest import sparse_paged_decode
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, D, page, P = 2, 4, 2, 16, 8, 6
+    k = torch.randn(P, page, Hkv, D, generator=g)
+    v = torch.randn(P, page, Hkv, D, generator=g)
+    table = torch.tensor([[0, 1, 5], [2, 3, 5]], dtype=torch.int32)[:, None].expand(B, Hq, 3).contiguous()
+    tokens = torch.tensor([11, 14], dtype=torch.int32)          # page 5 (scratch) and the page tails unused
+    q = torch.randn(B, Hq, D, generator=g)
+    want = sparse_paged_decode(q, k, v, table, tokens, D ** -0.5)
+    for b, n in enumerate(tokens.tolist()):                    # garbage where no token is
+        last = table[b, 0, n // page].item()
+        k[last, n % page:], v[last, n % page:] = float("nan"), float("nan")
+    k[5], v[5] = float("nan"), float("nan")
+    got = sparse_paged_decode(q, k, v, table, tokens, D ** -0.5)
+    assert torch.isfinite(got).all() and torch.allclose(got, want)
