@@ -61,7 +61,7 @@ class AppArgs(BaseModel):
     wave: dict[str, float] | None = None                   # WaveConfig overrides
     quest: dict[str, float | bool | None] | None = None    # QuestConfig overrides (attention quest)
     executor: Literal["auto", "local", "ray"] = "auto"     # auto: in-process for one stage
-    micro_batches: int | None = Field(None, ge=1)          # decode micro-batches (default: stages)
+    micro_batches: int | None = Field(None, ge=1)          # decode micro-batches (default: one per distinct device under the stages)
     replicas_per_numa_node: int | None = Field(None, ge=1)
     routing_stats_period_s: float = Field(1.0, gt=0)
     retry_after_s: float = Field(1.0, gt=0)

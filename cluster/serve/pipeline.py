@@ -8,6 +8,8 @@ created in the replica's placement group, and `RayPipelineExecutor`, which has t
   whose requests sample (`SparseLogits`): a greedy row sends back its token id, not [V] floats. No
   Ray task is submitted per step. The batch is split into micro-batches, each one execution of the
   graph, all in flight at once, so stage i works on micro-batch m+1 while stage i+1 works on m.
+  By default there are as many micro-batches as distinct devices under the stages: stages that
+  share one GPU cannot overlap, and each extra micro-batch would read all the weights again.
 - A stage that dies (its actor gone, its channels closed) is `StageLost`, an `ExecutorFailure`:
   the engine step fails, so the replica turns unhealthy and Serve replaces it.
 - Prefill runs stage by stage as ordinary actor calls, one unit (a chunk through a layer) per call,
@@ -60,8 +62,9 @@ class StageActor:
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
         ctx = ray.get_runtime_context()
+        gpus = ctx.get_accelerator_ids().get("GPU", []) if self.stage.device.type == "cuda" else []
         return {"layers": [self.layer_ids.start, self.layer_ids.stop], "device": str(self.stage.device),
-                "pid": os.getpid(), "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels(), **binding_report()}
+                "gpus": sorted(gpus), "pid": os.getpid(), "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels(), **binding_report()}
 
     def reserve(self, seq_id: Hashable, num_tokens: int):
         """None, or (message, ever) of the KVCapacityError (re-raised by the executor)."""
@@ -152,6 +155,12 @@ def _get(refs):
         return ray.get(refs)
 
 
+def distinct_devices(stage_info: list[dict]) -> int:
+    """How many stages can compute at the same time: one per GPU set (a node's GPUs that a stage
+    was given), and every CPU stage on its own (its own process and threads)."""
+    return len({(i["node_id"], tuple(i["gpus"])) if i["gpus"] else (i["node_id"], i["pid"]) for i in stage_info})
+
+
 def _remote_stage_class():
     return ray.remote(concurrency_groups={"control": 2})(StageActor)
 
@@ -167,7 +176,6 @@ class RayPipelineExecutor:
         self.cfg, self.model_cfg = cfg, model_cfg
         self.device = torch.device("cpu")                     # where the logits arrive
         self.dtype = parse_dtype(cfg.dtype or model_cfg.dtype)
-        self.micro_batches = micro_batches or num_stages
         pg = get_current_placement_group() if placement_group == "current" else placement_group
         device = "cuda" if num_gpus > 0 else "cpu"
         threads = max(1, int(round(num_cpus))) if device == "cpu" else None
@@ -181,6 +189,7 @@ class RayPipelineExecutor:
             self.stages.append(Remote.options(**opts).remote(cfg, model_cfg, layers, device, threads))
         self.stage_info = _get([st.info.remote() for st in self.stages])
         self.layer_ranges = [range(*i["layers"]) for i in self.stage_info]
+        self.micro_batches = micro_batches or distinct_devices(self.stage_info)
         self.decode_graph = self._compile_decode()
 
     def _compile_decode(self):

@@ -7,6 +7,7 @@ from typing import Any, Hashable
 import torch
 
 from ..config import ModelConfig
+from ..kernels import next_pow2
 
 
 class KVCapacityError(RuntimeError):
@@ -29,7 +30,8 @@ class AttentionBackend(ABC):
 
     A backend whose `decode` never synchronises with the host may offer CUDA-graph replay by
     defining `graph_key(plan)` (plans with equal keys share a graph), `static_plan(batch, plan)`
-    (buffers for a padded batch) and `load_static_plan(static, plan)`.
+    (buffers for a padded batch) and `load_static_plan(static, plan)`; `graph_batch(n)` is the
+    padded batch that n sequences are captured at.
     """
 
     def __init__(self, cfg: ModelConfig, layer_ids: range, device: torch.device, dtype: torch.dtype):
@@ -54,6 +56,9 @@ class AttentionBackend(ABC):
     @abstractmethod
     def decode(self, layer: int, plan: Any, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor: ...
+
+    def graph_batch(self, n: int) -> int:
+        return next_pow2(n)
 
     def finish_step(self, plan: Any) -> None:
         """Host-side maintenance once every layer has run the step (outside any CUDA graph)."""

@@ -314,6 +314,9 @@ class WaveAttention(AttentionBackend):
             max_cluster=int((offsets[:, 1:] - offsets[:, :-1]).max()) if c else 0)
 
     # -- CUDA graphs --------------------------------------------------------------------------------
+    def graph_batch(self, n: int) -> int:
+        return min(next_pow2(n), self.pools.slots - 1)     # a slot per sequence: no more rows than that
+
     def graph_key(self, plan: WavePlan):
         return plan.shape
 

@@ -1,12 +1,11 @@
 """CUDA graphs of a stage's decode step. At batch 1 a decode step is a few hundred small kernels
 whose launch costs more than the GPU work; a replayed graph launches them all at once. One graph per
-(batch bucket, the backend's `graph_key`); padded rows read and write only the backend's scratch
-space and are dropped."""
+(padded batch, the backend's `graph_key`), the padded batch being the backend's `graph_batch`;
+padded rows read and write only the backend's scratch space and are dropped."""
 from __future__ import annotations
 
 import torch
 
-from ..kernels import next_pow2
 from ..side_stream import SideStream
 
 
@@ -41,7 +40,7 @@ class DecodeGraphs:
         then, in stream order or on the host: the next stage copies it into its own input, the
         sampler reduces it and reads the tokens back (`.tolist()`), a Ray stage copies it to the
         host. A caller that keeps a step's output across steps must clone it."""
-        key = (next_pow2(x.shape[0]), self.stage.backend.graph_key(plan))
+        key = (self.stage.backend.graph_batch(x.shape[0]), self.stage.backend.graph_key(plan))
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(key[0], plan, x, positions)

@@ -82,3 +82,30 @@ def test_offload_equals_gpu_resident_wave():
     resident = _generate(base.with_overrides(cuda_graphs=False), prompt, 300)    # eager
     offload = _generate(base.with_overrides(offload=True, host_kv_budget_bytes=8 << 30), prompt, 300)   # graphs
     assert offload == resident
+
+
+def _batch(cfg: EngineConfig, prompts, n):
+    eng = LLMEngine(cfg)
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, params)
+    toks = {str(i): [] for i in range(len(prompts))}
+    while eng.has_work():
+        for o in eng.step():
+            assert o.error is None, o.error
+            toks[o.request_id] += o.token_ids
+    del eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    return [toks[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("attention", ["full", "wave"])
+def test_graphs_at_a_max_batch_that_is_not_a_power_of_two(attention):
+    """A batch of 6 with max_batch 6 is captured at 6, not padded to 8 (the backend has 6 slots)."""
+    prompts = [torch.randint(1, 250, (1500 + 100 * i,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(6)]
+    base = EngineConfig(model="tiny", dtype="float32", device="cuda", attention=attention, max_batch=6,
+                        max_model_len=4096, kv_budget_bytes=1 << 28)
+    assert _batch(base.with_overrides(cuda_graphs=True), prompts, 24) == \
+        _batch(base.with_overrides(cuda_graphs=False), prompts, 24)
