@@ -69,6 +69,44 @@ def run_batch(engine: LLMEngine, batch: int, context: int, warmup: int, steps: i
             "mean_step_ms": statistics.fmean(times) * 1e3, "tokens_per_s": batch / med, "tokens": tokens}
 
 
+def channel_probe(num_stages: int, hidden: int, batch: int, iters: int = 300) -> dict:
+    """Round trip of a compiled graph of `num_stages` no-op actors (the driver's step input through
+    every stage and back), its hidden states [batch, hidden] bf16 as torch tensors and as the
+    pipeline's wire format (`to_wire`): the transport's own cost per decode step, ms (median)."""
+    import ray
+    from ray.dag import InputNode
+
+    from retroinfer.cluster.serve.pipeline import to_wire
+
+    @ray.remote(num_cpus=0)
+    class Hop:
+        def step(self, x):
+            return x
+
+    actors = [Hop.remote() for _ in range(num_stages)]
+    with InputNode() as inp:
+        x = inp
+        for act in actors:
+            x = act.step.bind(x)
+    graph = x.experimental_compile()
+    h, pos = torch.zeros(batch, hidden, dtype=torch.bfloat16), torch.arange(batch)
+    out = {}
+    for name, payload in (("torch_ms", (list(range(batch)), h, pos, [])),
+                          ("wire_ms", (list(range(batch)), to_wire(h), to_wire(pos), []))):
+        for _ in range(20):
+            ray.get(graph.execute(payload))
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            ray.get(graph.execute(payload))
+            times.append(time.perf_counter() - t)
+        out[name] = statistics.median(times) * 1e3
+    graph.teardown()
+    for act in actors:
+        ray.kill(act)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:llama3-8b")
@@ -113,6 +151,9 @@ def main() -> None:
     ray.init(num_cpus=max(2, a.stages + 1), num_gpus=torch.cuda.device_count() if gpus else 0,
              include_dashboard=False, logging_level="error")
     t0 = time.perf_counter()
+    probe = channel_probe(a.stages, mc.hidden_size, max(batches))
+    print(f"compiled-graph round trip, {a.stages} no-op stages, hidden [{max(batches)}, {mc.hidden_size}]: "
+          f"{probe['torch_ms']:.3f} ms as torch tensors, {probe['wire_ms']:.3f} ms as the wire format", flush=True)
     ex = RayPipelineExecutor(cfg, mc, a.stages, num_cpus=1, num_gpus=gpus, placement_group=None,
                              micro_batches=a.micro_batches)
     pipe = LLMEngine(cfg, executor=ex)
@@ -133,7 +174,7 @@ def main() -> None:
     table(rows, ["batch", "context", "local_step_ms", "pipeline_step_ms", "ratio", "pipeline_extra_ms",
                  "local_tokens_per_s", "pipeline_tokens_per_s", "tokens_equal"])
     write_result(a.name, {"model": a.model, "attention": a.attention, "stages": a.stages, "gpus_per_stage": gpus,
-                          "micro_batches": micro, "stage_info": stage_info, "local_load_s": local_load_s,
+                          "micro_batches": micro, "channel_probe": probe, "stage_info": stage_info, "local_load_s": local_load_s,
                           "pipeline_load_s": pipe_load_s, "warmup_steps": a.warmup, "steps": a.steps, "rows": rows})
 
 

@@ -4,7 +4,7 @@ created in the replica's placement group, and `RayPipelineExecutor`, which has t
 
 - Decode is one Ray compiled graph (`ray.dag`, compiled once when the executor starts): the batch's
   ids go in, each stage's hidden states pass to the next through the graph's channels (shared memory
-  on one host), and out of the last stage come every row's argmax and the logits of only the rows
+  on one host; arrays cross as numpy, `to_wire`, which Ray's channels move faster than tensors), and out of the last stage come every row's argmax and the logits of only the rows
   whose requests sample (`SparseLogits`): a greedy row sends back its token id, not [V] floats. No
   Ray task is submitted per step. The batch is split into micro-batches, each one execution of the
   graph, all in flight at once, so stage i works on micro-batch m+1 while stage i+1 works on m.
@@ -28,6 +28,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Hashable
 
+import numpy as np
 import ray
 import torch
 from ray.dag import InputNode
@@ -118,20 +119,35 @@ class StageActor:
 
     def decode_step(self, step: tuple):
         """One micro-batch in the compiled decode graph: (seq_ids, ids or hidden states, positions,
-        rows that sample) -> the same for the next stage; the last stage returns `SparseLogits`:
-        every row's argmax and the logits of the rows that sample, so a greedy row sends only its
-        token id back."""
+        rows that sample), its arrays as `to_wire` writes them -> the same for the next stage; the
+        last stage returns every row's argmax and the logits of the rows that sample (a greedy row
+        sends only its token id back), which the driver reads as `SparseLogits`."""
         seq_ids, x, positions, sampled = step
         with self._lock:
-            out = self.stage.decode(seq_ids, x, positions)
+            out = self.stage.decode(seq_ids, from_wire(x), from_wire(positions))
             if not self.stage.last:
-                return seq_ids, out.cpu(), positions, sampled
+                return seq_ids, to_wire(out), positions, sampled
             logits = out.float()
-            return SparseLogits(logits.argmax(dim=-1).cpu(), {i: logits[i].cpu() for i in sampled})
+            return to_wire(logits.argmax(dim=-1)), {i: to_wire(logits[i]) for i in sampled}
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict:
         return self.stage.stats()
+
+
+def to_wire(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a host numpy array for the compiled graph's channels (bf16 as its int16 bits):
+    a torch tensor costs ~0.4 ms more per hop there (measured: 2 hops and the return with a 64 KB
+    hidden state, 1.50 ms as torch tensors against 0.39 ms as numpy arrays, 2-core CPU)."""
+    t = t.detach().cpu()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def from_wire(a: np.ndarray) -> torch.Tensor:
+    """`to_wire`'s inverse (int16 arrays are bf16 hidden states; ids and positions are int64).
+    Copied: a channel's array may be a read-only view of its buffer, which the next step reuses."""
+    t = torch.from_numpy(np.array(a))
+    return t.view(torch.bfloat16) if a.dtype == np.int16 else t
 
 
 class StageLost(ExecutorFailure):
@@ -250,12 +266,12 @@ class RayPipelineExecutor:
         m = max(1, min(self.micro_batches, B))
         bounds = [B * j // m for j in range(m + 1)]
         with _stages_alive():
-            refs = [self.decode_graph.execute((seq_ids[a:b], ids[a:b], positions[a:b],
+            refs = [self.decode_graph.execute((seq_ids[a:b], to_wire(ids[a:b]), to_wire(positions[a:b]),
                                                [i - a for i in range(a, b) if i in sampled]))
                     for a, b in zip(bounds, bounds[1:])]
             parts = [ray.get(r) for r in refs]
-        return SparseLogits(torch.cat([p.argmax for p in parts]),
-                            {a + i: row for a, p in zip(bounds, parts) for i, row in p.rows.items()})
+        return SparseLogits(torch.cat([from_wire(argmax) for argmax, _ in parts]),
+                            {a + i: from_wire(row) for a, (_, rows) in zip(bounds, parts) for i, row in rows.items()})
 
     def stats(self) -> EngineStats:
         return EngineStats.from_stages(_get([st.stats.remote() for st in self.stages]))

@@ -1,5 +1,6 @@
 """The Ray pipeline executor (stage actors) against the in-process executor, on CPU."""
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 
@@ -134,3 +135,15 @@ def test_a_stage_lost_during_prefill_is_the_engines_failure(ray_local):
                 eng.step()
     finally:
         ex.shutdown()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int64])
+def test_wire_format_round_trip(dtype):
+    from retroinfer.cluster.serve.pipeline import from_wire, to_wire
+    t = (torch.randn(3, 5) * 100).to(dtype)
+    a = to_wire(t)
+    a.setflags(write=False)                 # as a channel's view of its buffer may be
+    back = from_wire(a)
+    assert back.dtype == dtype and torch.equal(back, t)
+    back.add_(1)                            # a copy: the channel's buffer is untouched
+    assert torch.equal(from_wire(a), t)
