@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hbm_bandwidth, pcie_bandwidth, table, write_result  # noqa: E402
 from floor import StepBytes, decode_weight_bytes, full_step_bytes, wave_seqs, wave_step_bytes  # noqa: E402
 
+from retroinfer.attention.layer_split import LayerSplitAttention  # noqa: E402
+from retroinfer.attention.wave import WaveAttention  # noqa: E402
 from retroinfer.config import ATTENTIONS, EngineConfig, WaveConfig, fraction_or_auto  # noqa: E402
 from retroinfer.engine.llm_engine import LLMEngine  # noqa: E402
 from retroinfer.engine.sampling import SamplingParams  # noqa: E402
@@ -91,16 +93,22 @@ def step_bytes(engine: LLMEngine, pcie_bytes: float = 0) -> StepBytes | None:
     mc, dtype = engine.model_cfg, engine.executor.dtype
     ids = [s.request_id for s in engine.running]
     out = StepBytes(weights=decode_weight_bytes(mc, dtype))
+    lengths = [s.num_tokens for s in engine.running]
     for st in engine.executor.stages:
-        layers, be = len(st.backend.layer_ids), st.backend
-        if engine.cfg.attention == "wave":
-            out += wave_step_bytes(wave_seqs(be, ids), mc.num_kv_heads, mc.head_dim, dtype.itemsize, layers,
-                                   pcie_bytes * layers / mc.num_layers)
-        elif engine.cfg.attention == "full":
-            out += full_step_bytes([s.num_tokens for s in engine.running], mc.num_kv_heads, mc.head_dim,
-                                   dtype.itemsize, layers)
-        else:
+        be = st.backend
+        if engine.cfg.attention not in ("wave", "full"):
             return None
+        dense, wave = len(be.layer_ids), None          # dense layers (all, for full) and the wave part
+        if isinstance(be, WaveAttention):
+            dense, wave = 0, be
+        elif isinstance(be, LayerSplitAttention):
+            dense, wave = len(be.dense.layer_ids), be.wave_part
+        if wave is not None:
+            layers = len(wave.layer_ids)
+            out += wave_step_bytes(wave_seqs(wave, ids), mc.num_kv_heads, mc.head_dim, dtype.itemsize, layers,
+                                   pcie_bytes * layers / mc.num_layers)
+        if dense:
+            out += full_step_bytes(lengths, mc.num_kv_heads, mc.head_dim, dtype.itemsize, dense)
     return out
 
 
@@ -176,6 +184,8 @@ def main() -> None:
                          "GPU budget leaves after the index)")
     ap.add_argument("--cache-slot-rows", type=int, default=WaveConfig.cache_slot_rows,
                     help="offload: rows of a cluster the GPU cache keeps (a multiple of 16)")
+    ap.add_argument("--dense-first", type=int, default=0, help="wave: the first layers attending densely")
+    ap.add_argument("--dense-last", type=int, default=0, help="wave: the last layers attending densely")
     ap.add_argument("--warmup", type=int, default=3, help="decode steps before the timed ones")
     ap.add_argument("--text", action="store_true",
                     help="prompts of real text (the Python standard library's source) instead of random ids: "
@@ -196,7 +206,8 @@ def main() -> None:
     cfg = EngineConfig(model=resolve_model(a.model), attention=a.attention, dtype=a.dtype, device="cuda",
                        max_batch=max(batches) or 16, max_model_len=max(contexts) + a.warmup + a.steps + 64,
                        prefill_chunk=8192, prefill_budget_tokens=None,
-                       wave=WaveConfig(cache_fraction=a.cache_fraction, cache_slot_rows=a.cache_slot_rows),
+                       wave=WaveConfig(cache_fraction=a.cache_fraction, cache_slot_rows=a.cache_slot_rows,
+                                       dense_first=a.dense_first, dense_last=a.dense_last),
                        offload=a.offload,
                        host_kv_budget_bytes=int(a.host_kv_gb * 2**30) if a.host_kv_gb else None)
     t0 = time.perf_counter()

@@ -44,6 +44,8 @@ _WAVE_HELP = {
                       "'auto' (what the GPU budget leaves after the index, up to 90%%)",
     "cache_slot_rows": "offload: rows of a cluster one cache slot holds (a multiple of 16)",
     "estimation_log_bias": "added to each estimated cluster's log weight log(size) (default ln 2; 0: the paper's)",
+    "dense_first": "the model's first layers attending every token exactly",
+    "dense_last": "the model's last layers attending every token exactly",
 }
 
 

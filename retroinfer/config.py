@@ -148,6 +148,11 @@ class WaveConfig:
     # 0.5B model's own KV from 0.121 to 0.093 (benchmarks/bench_wave_error.py) and raised its RULER
     # mean by 1.3 points on the 1.5B and 0.6 on the 0.5B (same prompts, H200); see the README.
     estimation_log_bias: float = math.log(2)
+    # The model's first and last layers attending every token exactly (full attention's paged KV on
+    # the GPU, beside the wave index of the others): on the 0.5B model's own KV they carry wave's
+    # largest attention errors (layer 0 and the last three, benchmarks/bench_wave_error.py).
+    dense_first: int = 0
+    dense_last: int = 0
 
     def __post_init__(self):
         checks = [
@@ -167,10 +172,16 @@ class WaveConfig:
             (self.cache_slot_rows >= 16 and self.cache_slot_rows % 16 == 0,
              "cache_slot_rows must be a positive multiple of 16"),
             (math.isfinite(self.estimation_log_bias), "estimation_log_bias must be a finite number"),
+            (self.dense_first >= 0 and self.dense_last >= 0, "dense_first and dense_last must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"wave config: {msg}")
+
+    def dense_layers(self, num_layers: int) -> set[int]:
+        """The layers (of a model of `num_layers`) that attend densely."""
+        return set(range(min(self.dense_first, num_layers))) | set(range(max(0, num_layers - self.dense_last),
+                                                                         num_layers))
 
     def zone_sizes(self, num_clusters: int) -> tuple[int, int]:
         r = min(num_clusters, max(1, math.ceil(num_clusters * self.retrieval_frac)))

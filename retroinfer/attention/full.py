@@ -74,8 +74,11 @@ class PagedPlan:
 class FullAttention(AttentionBackend):
     page_size = PAGE                           # tokens per page (a subclass may set its own first)
 
-    def __init__(self, cfg, layer_ids, device, dtype, kv_budget_bytes: int):
+    def __init__(self, cfg, layer_ids, device, dtype, kv_budget_bytes: int, max_batch: int | None = None):
+        """`max_batch`: plans pad to a power of two but never past it (a backend beside this one in
+        a CUDA graph, wave's slots, sets the padded batch)."""
         super().__init__(cfg, layer_ids, device, dtype)
+        self.max_batch = max_batch
         num_pages = max(1, kv_budget_bytes // self.page_bytes)
         self.scratch_page = num_pages          # never allocated: padding of plans and CUDA graphs
         shape = (num_pages + 1, self.page_size, cfg.num_kv_heads, cfg.head_dim)
@@ -112,7 +115,7 @@ class FullAttention(AttentionBackend):
         non-blocking copies recorded on it have completed: no step overwrites a plan in flight."""
         n = len(seq_ids)
         lens = np.fromiter((self.seq_len[s] for s in seq_ids), dtype=np.int64, count=n)
-        batch, width = next_pow2(n), next_pow2(cdiv(int(lens.max()) + 1, self.page_size))
+        batch, width = self.graph_batch(n), next_pow2(cdiv(int(lens.max()) + 1, self.page_size))
         buf = torch.empty(_packed_size(batch, width), dtype=torch.int64,
                           pin_memory=self.device.type == "cuda")
         a = buf.numpy()
@@ -130,6 +133,9 @@ class FullAttention(AttentionBackend):
         a[batch:2 * batch] = 0                 # write_off
         a[batch:batch + n] = lens % self.page_size
         return PagedPlan(list(seq_ids), buf, batch, width, n)
+
+    def graph_batch(self, n: int) -> int:
+        return next_pow2(n) if self.max_batch is None else max(n, min(next_pow2(n), self.max_batch))
 
     def graph_key(self, plan: PagedPlan) -> int:
         return plan.width

@@ -49,9 +49,10 @@ def test_decode_weights_leave_out_an_untied_embedding():
     assert floor.decode_weight_bytes(mc, torch.bfloat16) == mc.weight_bytes(torch.bfloat16) - untied
 
 
-@pytest.mark.parametrize("attention", ["full", "wave"])
-def test_bench_decode_reads_the_step_bytes_of_a_running_engine(attention):
-    wave = WaveConfig(segment_size=512, tokens_per_cluster=8, update_every=256, update_clusters=32, window=32)
+@pytest.mark.parametrize("attention,dense_last", [("full", 0), ("wave", 0), ("wave", 1)])
+def test_bench_decode_reads_the_step_bytes_of_a_running_engine(attention, dense_last):
+    wave = WaveConfig(segment_size=512, tokens_per_cluster=8, update_every=256, update_clusters=32, window=32,
+                      dense_last=dense_last)
     eng = LLMEngine(EngineConfig(model="tiny", device="cpu", attention=attention, wave=wave, prefill_chunk=256))
     for i, n in enumerate((900, 600)):
         eng.add_request(str(i), [1 + (i + j) % 200 for j in range(n)],
@@ -69,5 +70,7 @@ def test_bench_decode_reads_the_step_bytes_of_a_running_engine(attention):
         seqs = floor.wave_seqs(be, ["0", "1"])
         assert [s.indexed_tokens for s in seqs] == [be.seqs[k].indexed for k in ("0", "1")]
         assert all(s.clusters > 0 and s.retrieve >= 1 for s in seqs)
-        assert b.centroids == sum(s.clusters for s in seqs) * row
-        assert b.kv == 0 and b.retrieval > 0 and b.estimation > 0 and b.steady > 0
+        wave_layers = mc.num_layers - dense_last              # the last layer dense: full's bytes
+        assert b.centroids == sum(s.clusters for s in seqs) * row // mc.num_layers * wave_layers
+        assert b.kv == sum(s.num_tokens for s in eng.running) * 2 * row // mc.num_layers * dense_last
+        assert b.retrieval > 0 and b.estimation > 0 and b.steady > 0

@@ -100,12 +100,14 @@ def _batch(cfg: EngineConfig, prompts, n):
     return [toks[str(i)] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("attention", ["full", "wave"])
-def test_graphs_at_a_max_batch_that_is_not_a_power_of_two(attention):
-    """A batch of 6 with max_batch 6 is captured at 6, not padded to 8 (the backend has 6 slots)."""
+@pytest.mark.parametrize("attention,dense", [("full", 0), ("wave", 0), ("wave", 1)])
+def test_graphs_at_a_max_batch_that_is_not_a_power_of_two(attention, dense):
+    """A batch of 6 with max_batch 6 is captured at 6, not padded to 8 (the backend has 6 slots);
+    also wave with a dense first and last layer (both parts' plans in one graph)."""
     prompts = [torch.randint(1, 250, (1500 + 100 * i,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(6)]
     base = EngineConfig(model="tiny", dtype="float32", device="cuda", attention=attention, max_batch=6,
-                        max_model_len=4096, kv_budget_bytes=1 << 28)
+                        max_model_len=4096, kv_budget_bytes=1 << 28,
+                        wave=WaveConfig(dense_first=dense, dense_last=dense))
     assert _batch(base.with_overrides(cuda_graphs=True), prompts, 24) == \
         _batch(base.with_overrides(cuda_graphs=False), prompts, 24)
