@@ -45,7 +45,10 @@ class WarmupReport:
 
     @property
     def buckets(self) -> list[int]:
-        """The power-of-two batch buckets decoded at (those the CUDA graphs are keyed by)."""
+        """The padded batches the CUDA graphs were captured at; without graphs (CPU), the power-of-two
+        buckets of the batches decoded at (a backend may cap them: wave at its slots)."""
+        if self.graphs:
+            return sorted({key[0] for key in self.graphs})
         return sorted({next_pow2(b) for b in self.batch_sizes})
 
     def summary(self) -> str:
