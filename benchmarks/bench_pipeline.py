@@ -174,8 +174,8 @@ def main() -> None:
     table(rows, ["batch", "context", "local_step_ms", "pipeline_step_ms", "ratio", "pipeline_extra_ms",
                  "local_tokens_per_s", "pipeline_tokens_per_s", "tokens_equal"])
     write_result(a.name, {"model": a.model, "attention": a.attention, "stages": a.stages, "gpus_per_stage": gpus,
-                          "micro_batches": micro, "channel_probe": probe, "stage_info": stage_info, "local_load_s": local_load_s,
-                          "pipeline_load_s": pipe_load_s, "warmup_steps": a.warmup, "steps": a.steps, "rows": rows})
+                          "micro_batches": micro, "channel_probe": probe, "stage_info": stage_info,
+                          "local_load_s": local_load_s, "pipeline_load_s": pipe_load_s, "warmup_steps": a.warmup, "steps": a.steps, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ created in the replica's placement group, and `RayPipelineExecutor`, which has t
 
 - Decode is one Ray compiled graph (`ray.dag`, compiled once when the executor starts): the batch's
   ids go in, each stage's hidden states pass to the next through the graph's channels (shared memory
-  on one host; arrays cross as numpy, `to_wire`, which Ray's channels move faster than tensors), and out of the last stage come every row's argmax and the logits of only the rows
-  whose requests sample (`SparseLogits`): a greedy row sends back its token id, not [V] floats. No
+  on one host; arrays cross as numpy, `to_wire`, which Ray's channels move faster than tensors),
+  and out of the last stage come every row's argmax and the logits of only the rows whose requests
+  sample (`SparseLogits`): a greedy row sends back its token id, not [V] floats. No
   Ray task is submitted per step. The batch is split into micro-batches, each one execution of the
   graph, all in flight at once, so stage i works on micro-batch m+1 while stage i+1 works on m.
   By default there are as many micro-batches as distinct devices under the stages: stages that
@@ -65,7 +66,8 @@ class StageActor:
         ctx = ray.get_runtime_context()
         gpus = ctx.get_accelerator_ids().get("GPU", []) if self.stage.device.type == "cuda" else []
         return {"layers": [self.layer_ids.start, self.layer_ids.stop], "device": str(self.stage.device),
-                "gpus": sorted(gpus), "pid": os.getpid(), "node_id": ctx.get_node_id(), "labels": ctx.get_node_labels(), **binding_report()}
+                "gpus": sorted(gpus), "pid": os.getpid(), "node_id": ctx.get_node_id(),
+                "labels": ctx.get_node_labels(), **binding_report()}
 
     def reserve(self, seq_id: Hashable, num_tokens: int):
         """None, or (message, ever) of the KVCapacityError (re-raised by the executor)."""

@@ -92,6 +92,7 @@ class LayerSplitAttention(AttentionBackend):
 
     def stats(self):
         d, w = self.dense.stats(), self.wave_part.stats()
-        tokens = min(d["capacity_bytes"] // self.dense.bytes_per_token, w["capacity_bytes"] // self.wave_part.bytes_per_token)
+        tokens = min(d["capacity_bytes"] // self.dense.bytes_per_token,
+                     w["capacity_bytes"] // self.wave_part.bytes_per_token)
         return {**w, "capacity_bytes": tokens * self.bytes_per_token, "used_bytes": d["used_bytes"] + w["used_bytes"],
                 "dense_layers": len(self.dense_ids)}
