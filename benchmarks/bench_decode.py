@@ -90,14 +90,14 @@ def stdlib_text_ids(engine: LLMEngine, tokens: int) -> list[int]:
 def step_bytes(engine: LLMEngine, pcie_bytes: float = 0) -> StepBytes | None:
     """What the engine's next decode step must move (`floor.py`), from its backends' state; None
     for a backend without a floor model (quest)."""
+    if engine.cfg.attention not in ("wave", "full"):
+        return None
     mc, dtype = engine.model_cfg, engine.executor.dtype
     ids = [s.request_id for s in engine.running]
     out = StepBytes(weights=decode_weight_bytes(mc, dtype))
     lengths = [s.num_tokens for s in engine.running]
     for st in engine.executor.stages:
         be = st.backend
-        if engine.cfg.attention not in ("wave", "full"):
-            return None
         dense, wave = len(be.layer_ids), None          # dense layers (all, for full) and the wave part
         if isinstance(be, WaveAttention):
             dense, wave = 0, be

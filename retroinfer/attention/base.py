@@ -31,8 +31,10 @@ class AttentionBackend(ABC):
     A backend whose `decode` never synchronises with the host may offer CUDA-graph replay by
     defining `graph_key(plan)` (plans with equal keys share a graph), `static_plan(batch, plan)`
     (buffers for a padded batch) and `load_static_plan(static, plan)`; `graph_batch(n)` is the
-    padded batch that n sequences are captured at.
+    padded batch that n sequences are captured at: a power of two, capped at `max_rows` where the
+    backend holds a fixed number of sequences (wave: one slot each).
     """
+    max_rows: int | None = None
 
     def __init__(self, cfg: ModelConfig, layer_ids: range, device: torch.device, dtype: torch.dtype):
         self.cfg, self.layer_ids, self.device, self.dtype = cfg, layer_ids, torch.device(device), dtype
@@ -58,7 +60,7 @@ class AttentionBackend(ABC):
                v: torch.Tensor) -> torch.Tensor: ...
 
     def graph_batch(self, n: int) -> int:
-        return next_pow2(n)
+        return next_pow2(n) if self.max_rows is None else min(next_pow2(n), self.max_rows)
 
     def finish_step(self, plan: Any) -> None:
         """Host-side maintenance once every layer has run the step (outside any CUDA graph)."""

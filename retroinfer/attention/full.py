@@ -74,11 +74,11 @@ class PagedPlan:
 class FullAttention(AttentionBackend):
     page_size = PAGE                           # tokens per page (a subclass may set its own first)
 
-    def __init__(self, cfg, layer_ids, device, dtype, kv_budget_bytes: int, max_batch: int | None = None):
-        """`max_batch`: plans pad to a power of two but never past it (a backend beside this one in
-        a CUDA graph, wave's slots, sets the padded batch)."""
+    def __init__(self, cfg, layer_ids, device, dtype, kv_budget_bytes: int, max_rows: int | None = None):
+        """`max_rows`: plans pad to a power of two but never past it (set by a backend beside this one
+        in a CUDA graph: wave's slots)."""
         super().__init__(cfg, layer_ids, device, dtype)
-        self.max_batch = max_batch
+        self.max_rows = max_rows
         num_pages = max(1, kv_budget_bytes // self.page_bytes)
         self.scratch_page = num_pages          # never allocated: padding of plans and CUDA graphs
         shape = (num_pages + 1, self.page_size, cfg.num_kv_heads, cfg.head_dim)
@@ -133,9 +133,6 @@ class FullAttention(AttentionBackend):
         a[batch:2 * batch] = 0                 # write_off
         a[batch:batch + n] = lens % self.page_size
         return PagedPlan(list(seq_ids), buf, batch, width, n)
-
-    def graph_batch(self, n: int) -> int:
-        return next_pow2(n) if self.max_batch is None else max(n, min(next_pow2(n), self.max_batch))
 
     def graph_key(self, plan: PagedPlan) -> int:
         return plan.width

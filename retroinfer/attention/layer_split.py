@@ -27,19 +27,11 @@ class LayerSplitAttention(AttentionBackend):
         # The budget in proportion to the bytes a token takes in each (wave's index ~10% more).
         dense_share = len(dense) / (len(dense) + 1.1 * len(rest))
         dense_bytes = int(kv_budget_bytes * dense_share)
-        self.dense = FullAttention(cfg, dense, device, dtype, dense_bytes, max_batch=max_seqs)
+        self.dense = FullAttention(cfg, dense, device, dtype, dense_bytes, max_rows=max_seqs)
         self.wave_part = WaveAttention(cfg, range(rest[0], rest[-1] + 1), device, dtype,
                                        kv_budget_bytes - dense_bytes, wave, max_seqs, host_kv_budget_bytes)
         self.dense_ids = set(dense)
-
-    # benchmarks and the engine read these of a wave backend
-    @property
-    def wave(self):
-        return self.wave_part.wave
-
-    @property
-    def seqs(self):
-        return self.wave_part.seqs
+        self.max_rows = max_seqs
 
     def _of(self, layer: int) -> AttentionBackend:
         return self.dense if layer in self.dense_ids else self.wave_part
@@ -70,10 +62,7 @@ class LayerSplitAttention(AttentionBackend):
     def finish_step(self, plan: SplitPlan) -> None:
         self.wave_part.finish_step(plan.wave)
 
-    # -- CUDA graphs: both parts' plans in one graph ---------------------------------------------
-    def graph_batch(self, n: int) -> int:
-        return self.wave_part.graph_batch(n)
-
+    # -- CUDA graphs: both parts' plans in one graph (padded to wave's slots: `max_rows`) --------
     def graph_key(self, plan: SplitPlan):
         return self.dense.graph_key(plan.dense), self.wave_part.graph_key(plan.wave)
 
@@ -86,9 +75,6 @@ class LayerSplitAttention(AttentionBackend):
 
     def reset_metrics(self) -> None:
         self.wave_part.reset_metrics()
-
-    def index_of(self, seq_id, layer: int):
-        return self.wave_part.index_of(seq_id, layer)
 
     def stats(self):
         d, w = self.dense.stats(), self.wave_part.stats()

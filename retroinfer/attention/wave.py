@@ -128,6 +128,7 @@ class WaveAttention(AttentionBackend):
         self.counters = torch.zeros(4, dtype=torch.long, device=self.device)
         self.steps = 0
         self.free_slots = list(range(max_seqs, 0, -1))      # slot 0: scratch (pools.scratch)
+        self.max_rows = max_seqs                             # a slot per sequence: no more rows than that
         self.seqs: dict[Hashable, SeqState] = {}
         self.max_cluster = 0           # over all sequences and layers: sizes the gather buffer
         self.side = SideStream(self.device)
@@ -314,9 +315,6 @@ class WaveAttention(AttentionBackend):
             max_cluster=int((offsets[:, 1:] - offsets[:, :-1]).max()) if c else 0)
 
     # -- CUDA graphs --------------------------------------------------------------------------------
-    def graph_batch(self, n: int) -> int:
-        return min(next_pow2(n), self.pools.slots - 1)     # a slot per sequence: no more rows than that
-
     def graph_key(self, plan: WavePlan):
         return plan.shape
 
